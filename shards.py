@@ -1,0 +1,257 @@
+"""The token-shard format, stated once, and the rank-aware batch loader that reads it.
+
+A shard is the format of llm.c and modded-nanogpt, so their published FineWeb shards train here
+unchanged and ours train there:
+
+    header: 256 x int32 (little-endian)  [0] magic 20240520, [1] version 1, [2] token count, rest 0
+    body:   token count x uint16         GPT-2 BPE ids (all < 65536)
+
+Files are named `{split}_{index:06d}.bin` (e.g. train_000000.bin, val_000000.bin).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")  # uint16, little-endian
+
+
+class ShardError(ValueError):
+    """A shard file that is not a valid token shard (the message names the file)."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def write_shard(path: str | Path, tokens) -> Path:
+    """Write tokens (1-D, each in [0, 65535]) as one shard, atomically.
+
+    The data goes to `<path>.tmp` and is renamed into place once complete and flushed, so an
+    interrupted write never leaves a file that reads as a whole shard.
+    Raises ValueError for tokens outside uint16 or an empty array.
+    """
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"a shard needs a non-empty 1-D token array, got shape {tokens.shape}")
+    if tokens.dtype != TOKEN_DTYPE:
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f"token ids must fit in uint16 for {path}")
+        tokens = tokens.astype(TOKEN_DTYPE)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def read_shard(path: str | Path) -> np.memmap:
+    """Validate a shard's header and return its tokens as a read-only uint16 memmap.
+
+    Raises FileNotFoundError for a missing file and ShardError for a wrong magic, wrong version,
+    or a size that does not match the token count in the header (truncated or padded file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard not found: {path}")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {MAGIC}; not a token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: version {header[1]} is not supported (expected {VERSION})")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
+    if size != expected:
+        raise ShardError(
+            f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
+            "truncated or corrupt"
+        )
+    if n_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def list_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """The shards of one split in data_dir, in order. Raises FileNotFoundError if there are none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    paths = sorted(data_dir.glob(f"{split}_*.bin"))
+    if not paths:
+        raise FileNotFoundError(
+            f"no {split}_*.bin shards in {data_dir}; create them with prepare_data.py --out {data_dir}"
+        )
+    return paths
+
+
+class ShardWriter:
+    """Streams token arrays into consecutive shards of at most shard_tokens tokens each.
+
+    Memory stays bounded by one shard's buffer. `close()` writes the last partial shard and
+    returns every path written.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, shard_tokens: int):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.shard_tokens = shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=TOKEN_DTYPE)
+        self.filled = 0
+        self.paths: list[Path] = []
+        self.total_tokens = 0
+
+    def add(self, tokens) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+            raise ValueError("token ids must fit in uint16")
+        start = 0
+        while start < tokens.size:
+            take = min(self.shard_tokens - self.filled, tokens.size - start)
+            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.shard_tokens:
+                self._flush()
+        self.total_tokens += tokens.size
+
+    def _flush(self) -> None:
+        path = self.out_dir / shard_name(self.split, len(self.paths))
+        write_shard(path, self.buffer[: self.filled])
+        self.paths.append(path)
+        self.filled = 0
+
+    def close(self) -> list[Path]:
+        if self.filled:
+            self._flush()
+        return self.paths
+
+
+class ShardLoader:
+    """(x, y) batches of token windows from a split's shards, shared out across processes.
+
+    A window is block_size + 1 consecutive tokens inside one shard; x is its first block_size
+    tokens, y the last block_size. Windows start every block_size tokens, so each token is a
+    target exactly once per epoch. Every epoch visits all windows in an order fixed by
+    (seed, epoch) (or in file order when shuffle=False); micro-step k of process `rank` takes
+    windows [(k * world_size + rank) * B, ... + B) of that order, so processes read disjoint
+    windows and no window repeats within an epoch. The leftover windows that do not fill a
+    micro-step for every process are skipped that epoch.
+
+    The position is `state_dict()` / `load_state_dict()`: a resumed run continues with exactly
+    the batches a straight run would have seen.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        block_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = [read_shard(p) for p in paths]
+        self.paths = [str(p) for p in paths]
+        self.block_size = block_size
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        windows_per_shard = np.array([max(len(s) - 1, 0) // block_size for s in self.shards])
+        self.first_window = np.concatenate([[0], np.cumsum(windows_per_shard)])  # (n_shards + 1,)
+        self.num_windows = int(self.first_window[-1])
+        self.windows_per_micro_step = micro_batch_size * world_size
+        self.steps_per_epoch = self.num_windows // self.windows_per_micro_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(paths)} shard(s) starting {paths[0]} hold {self.num_windows} windows of "
+                f"block_size+1={block_size + 1} tokens, fewer than micro_batch_size x world_size = "
+                f"{self.windows_per_micro_step}; use more data, a smaller block_size or micro_batch_size"
+            )
+        self.epoch = 0
+        self.micro_step = 0  # micro-steps taken in this epoch (per process)
+        self._order_epoch = None
+        self._order = None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._order = rng.permutation(self.num_windows)
+            else:
+                self._order = np.arange(self.num_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def window_ids(self) -> np.ndarray:
+        """The global window ids of the next micro-batch for this rank (B,), without advancing."""
+        start = (self.micro_step * self.world_size + self.rank) * self.micro_batch_size
+        return self._epoch_order()[start : start + self.micro_batch_size]
+
+    def read_windows(self, ids: np.ndarray) -> torch.Tensor:
+        """Window ids (B,) -> tokens (B, block_size + 1) as int64."""
+        shard = np.searchsorted(self.first_window, ids, side="right") - 1
+        starts = (ids - self.first_window[shard]) * self.block_size
+        T1 = self.block_size + 1
+        rows = [self.shards[s][o : o + T1] for s, o in zip(shard, starts)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), each (B, block_size) int64 on the CPU; moves to the next epoch at the end."""
+        tokens = self.read_windows(self.window_ids())  # (B, T + 1)
+        self.micro_step += 1
+        if self.micro_step == self.steps_per_epoch:
+            self.epoch += 1
+            self.micro_step = 0
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "windows_consumed": self.micro_step * self.windows_per_micro_step,
+            "num_windows": self.num_windows,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position. Raises ValueError if it belongs to other data or a
+        global micro-batch of another size."""
+        if state["num_windows"] != self.num_windows:
+            raise ValueError(
+                f"the saved loader position is for {state['num_windows']} windows but the shards "
+                f"now hold {self.num_windows}; the data or block_size changed since the checkpoint"
+            )
+        consumed = state["windows_consumed"]
+        if consumed % self.windows_per_micro_step:
+            raise ValueError(
+                f"the saved loader position ({consumed} windows) is not a whole number of "
+                f"micro-steps of {self.windows_per_micro_step} windows (micro_batch_size x processes)"
+            )
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.micro_step = consumed // self.windows_per_micro_step
+        if self.micro_step >= self.steps_per_epoch:
+            self.epoch, self.micro_step = self.epoch + 1, 0
