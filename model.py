@@ -420,10 +420,15 @@ class GPT(nn.Module):
         if unexpected:
             raise KeyError(f"unexpected weight(s) in the checkpoint: {unexpected[:5]}")
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """This model's weights under GPT2LMHeadModel's names and Conv1D layout (CPU, contiguous)."""
+    def hf_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Weights under GPT2LMHeadModel's names and Conv1D layout (CPU, contiguous).
+
+        state_dict: this model's own state dict, or an equivalent one gathered elsewhere (e.g. the
+        full weights of a sharded run); defaults to self.state_dict().
+        """
         out = {}
-        for key, tensor in self.state_dict().items():
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        for key, tensor in state_dict.items():
             if key == "lm_head.weight" and self.config.tie_embeddings:
                 continue  # stored once, as transformer.wte.weight
             tensor = tensor.detach()
@@ -432,10 +437,11 @@ class GPT(nn.Module):
             out[key] = tensor.contiguous().cpu()
         return out
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads.
 
-        Files are written under temporary names and renamed into place.
+        state_dict: as for `hf_state_dict`. Files are written under temporary names and renamed
+        into place.
         Raises ValueError for a model GPT-2's format cannot express (bias=False).
         """
         from safetensors.torch import save_file
@@ -445,7 +451,7 @@ class GPT(nn.Module):
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         weights_tmp = directory / "model.safetensors.tmp"
-        save_file(self.hf_state_dict(), str(weights_tmp), metadata={"format": "pt"})
+        save_file(self.hf_state_dict(state_dict), str(weights_tmp), metadata={"format": "pt"})
         config_tmp = directory / "config.json.tmp"
         config_tmp.write_text(json.dumps(config_to_hf(self.config), indent=2) + "\n")
         weights_tmp.replace(directory / "model.safetensors")

@@ -228,6 +228,10 @@ class ShardLoader:
             self.micro_step = 0
         return tokens[:, :-1], tokens[:, 1:]
 
+    def rewind(self) -> None:
+        """Back to the first micro-batch of epoch 0 (evaluation reads the same windows each time)."""
+        self.epoch, self.micro_step = 0, 0
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
