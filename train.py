@@ -394,12 +394,23 @@ def check_vocab(data_dir: str, vocab_size: int) -> None:
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a context manager that
+    puts the previous handlers back on exit)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -502,7 +513,6 @@ def fit(cfg: TrainConfig, accelerator: Accelerator) -> tuple[GPT, dict]:
         f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
         f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
 
-    stop = StopSignal()
     log_path = out_dir / "log.jsonl"
     step = progress["step"]
     start_time = time.time()
@@ -520,57 +530,58 @@ def fit(cfg: TrainConfig, accelerator: Accelerator) -> tuple[GPT, dict]:
     if step == 0:
         run_eval()
     model.train()
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = accumulate_gradients(model, accelerator, train_loader, cfg.grad_accum_steps)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += cfg.tokens_per_step
-        # One all-reduce carries the loss and any stop request, so every process agrees on both.
-        stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-        flags = torch.stack([loss, stop_flag])
-        flags = accelerator.reduce(flags, reduction="mean")
-        step_loss, stop_requested = flags[0].item(), flags[1].item() > 0
-        if not math.isfinite(step_loss):
-            last = checkpoint_dirs(cfg.out_dir)
-            raise FloatingPointError(
-                f"loss is {step_loss} at step {step}; stopping. "
-                + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet.")
-            )
-        progress = {**progress, "step": step, "tokens_seen": progress["tokens_seen"] + cfg.tokens_per_step,
-                    "train_loader": train_loader.state_dict(), "loss": step_loss}
-        bar.update(1)
-        last_step = step == cfg.max_steps
-        if step % cfg.log_interval == 0 or last_step:
-            elapsed = time.time() - window_time
-            tokens_per_sec = window_tokens / elapsed
-            mfu = flops_per_step * (window_tokens / cfg.tokens_per_step) / elapsed / (cfg.peak_flops * world) \
-                if cfg.peak_flops else None
-            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens_seen": progress["tokens_seen"],
-                      "elapsed_sec": time.time() - start_time}
-            if is_main:
-                append_log(log_path, record)
-                mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                log(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                    f"grad_norm {float(grad_norm):.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
-                    f"{_format_time(record['elapsed_sec'])}")
-            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
-            window_time, window_tokens = time.time(), 0
-        if step % cfg.eval_interval == 0 or last_step:
-            run_eval()
-        if step % cfg.ckpt_interval == 0 or last_step or stop_requested:
-            path = save_checkpoint(accelerator, model, cfg, progress, raw_model)
-            log(f"saved {path}")
-        if stop_requested:
-            log(f"stopped by {stop.received or 'a signal on another process'} after step {step}. "
-                f"Resume with: python train.py <config> --out_dir={cfg.out_dir} --init_from=resume")
-            break
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = accumulate_gradients(model, accelerator, train_loader, cfg.grad_accum_steps)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += cfg.tokens_per_step
+            # One all-reduce carries the loss and any stop request, so every process agrees on both.
+            stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+            flags = torch.stack([loss, stop_flag])
+            flags = accelerator.reduce(flags, reduction="mean")
+            step_loss, stop_requested = flags[0].item(), flags[1].item() > 0
+            if not math.isfinite(step_loss):
+                last = checkpoint_dirs(cfg.out_dir)
+                raise FloatingPointError(
+                    f"loss is {step_loss} at step {step}; stopping. "
+                    + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet.")
+                )
+            progress = {**progress, "step": step, "tokens_seen": progress["tokens_seen"] + cfg.tokens_per_step,
+                        "train_loader": train_loader.state_dict(), "loss": step_loss}
+            bar.update(1)
+            last_step = step == cfg.max_steps
+            if step % cfg.log_interval == 0 or last_step:
+                elapsed = time.time() - window_time
+                tokens_per_sec = window_tokens / elapsed
+                mfu = flops_per_step * (window_tokens / cfg.tokens_per_step) / elapsed / (cfg.peak_flops * world) \
+                    if cfg.peak_flops else None
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens_seen": progress["tokens_seen"],
+                          "elapsed_sec": time.time() - start_time}
+                if is_main:
+                    append_log(log_path, record)
+                    mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+                    log(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                        f"grad_norm {float(grad_norm):.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
+                        f"{_format_time(record['elapsed_sec'])}")
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+                window_time, window_tokens = time.time(), 0
+            if step % cfg.eval_interval == 0 or last_step:
+                run_eval()
+            if step % cfg.ckpt_interval == 0 or last_step or stop_requested:
+                path = save_checkpoint(accelerator, model, cfg, progress, raw_model)
+                log(f"saved {path}")
+            if stop_requested:
+                log(f"stopped by {stop.received or 'a signal on another process'} after step {step}. "
+                    f"To continue, run the same command with --init_from=resume")
+                break
     bar.close()
     accelerator.end_training()
     if cfg.plot and is_main:

@@ -1,0 +1,304 @@
+"""train.py: config, schedule, optimizer groups, accumulation, resume, multi-process, signals."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+import train
+from model import GPT, GPTConfig
+from shards import ShardLoader, list_shards, write_shard
+from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+VOCAB = 256  # the synthetic corpus below uses 256 ids, which keeps lm_head (and the tests) small
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a fresh `python train.py` would."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A learnable corpus: a fixed random Markov chain over 256 ids, 4 successors per id.
+
+    Its entropy is ln 4 = 1.39 nats/token, against ln 256 = 5.55 for a model that knows nothing.
+    """
+    rng = np.random.default_rng(0)
+    successors = rng.integers(0, VOCAB, size=(VOCAB, 4))
+    choice = rng.integers(0, 4, size=60_000)
+    tokens = np.zeros(60_000, dtype=np.int64)
+    for i in range(1, len(tokens)):
+        tokens[i] = successors[tokens[i - 1], choice[i]]
+    directory = tmp_path_factory.mktemp("markov")
+    write_shard(directory / "train_000000.bin", tokens[:40_000])
+    write_shard(directory / "train_000001.bin", tokens[40_000:50_000])
+    write_shard(directory / "val_000000.bin", tokens[50_000:])
+    return directory
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return [TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--vocab_size={VOCAB}", *extra]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return [r["loss"] for r in read_log(out_dir) if "loss" in r]
+
+
+# ------------------------------------------------------------------------ config
+
+
+def test_config_file_and_overrides_convert_types(tmp_path):
+    cfg_file = tmp_path / "run.py"
+    cfg_file.write_text("max_steps = 7\nlearning_rate = 1  # an int is fine for a float field\n")
+    cfg = load_config([str(cfg_file), "--compile=false", "--min_lr=3e-5", "--lr_decay_steps=none",
+                       "--micro_batch_size=4", "--mixed_precision=bf16"])
+    assert cfg.max_steps == 7 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.compile is False and cfg.min_lr == 3e-5 and cfg.lr_decay_steps is None
+    assert cfg.micro_batch_size == 4 and cfg.mixed_precision == "bf16"
+
+
+def test_config_typos_and_type_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'learnig_rate'.*did you mean 'learning_rate'"):
+        load_config(["--learnig_rate=1e-3"])
+    cfg_file = tmp_path / "run.py"
+    cfg_file.write_text("max_step = 10\n")
+    with pytest.raises(ConfigError, match="unknown config key 'max_step'.*'max_steps'"):
+        load_config([str(cfg_file)])
+    cfg_file.write_text("max_steps = '10'\n")
+    with pytest.raises(ConfigError, match="max_steps='10': expected int"):
+        load_config([str(cfg_file)])
+    with pytest.raises(ConfigError, match="--max_steps='ten': expected int"):
+        load_config(["--max_steps=ten"])
+    with pytest.raises(ConfigError, match="--compile='maybe': expected a bool"):
+        load_config(["--compile=maybe"])
+    with pytest.raises(ConfigError, match="expected --field=value"):
+        load_config(["--max_steps", "10"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([str(tmp_path / "missing.py")])
+
+
+def test_validate_collects_every_problem_and_derives_accumulation():
+    with pytest.raises(ConfigError) as err:
+        validate(TrainConfig(n_embd=100, n_head=3, min_lr=1.0, learning_rate=0.1, mixed_precision="fp8"), 1)
+    message = str(err.value)
+    for part in ("n_embd=100 must be divisible by n_head=3", "min_lr=1.0", "mixed_precision='fp8'"):
+        assert part in message
+    # tokens_per_step fixes the accumulation for the number of processes
+    cfg = validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=8192), world_size=2)
+    assert cfg.grad_accum_steps == 4 and cfg.tokens_per_step == 8192 and cfg.lr_decay_steps == cfg.max_steps
+    with pytest.raises(ConfigError, match="tokens_per_step=10000 is not divisible"):
+        validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=10000), world_size=2)
+    with pytest.raises(ConfigError, match="grad_accum_steps=3 contradicts tokens_per_step=8192"):
+        validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=8192, grad_accum_steps=3), 2)
+
+
+# ---------------------------------------------------------- schedule and groups
+
+
+def test_lr_schedule_endpoints():
+    cfg = validate(TrainConfig(warmup_steps=10, max_steps=200, lr_decay_steps=110, learning_rate=1.0, min_lr=0.1), 1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # 1/10 of the peak on the first step
+    assert lr_at(9, cfg) == pytest.approx(1.0)  # end of warmup: the peak
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the decay: the midpoint
+    assert lr_at(110, cfg) == pytest.approx(0.1)  # lr_decay_steps: min_lr
+    assert lr_at(199, cfg) == pytest.approx(0.1)  # and flat after
+    decay = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_param_groups_cover_each_parameter_once():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "transformer.wte.weight" in decayed and "transformer.h.0.attn.c_attn.weight" in decayed
+    for name in (names[id(p)] for p in no_decay["params"]):
+        assert name.endswith(".bias") or ".ln_" in name or "ln_f" in name, name
+
+
+# ---------------------------------------------------------------- accumulation
+
+
+def test_accumulation_matches_one_big_batch(data_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB))
+    accelerator = Accelerator(cpu=True)
+    paths = list_shards(data_dir, "train")
+
+    def grads(micro_batch_size, micro_steps):
+        model.zero_grad(set_to_none=True)
+        accelerator.gradient_accumulation_steps = micro_steps
+        loader = ShardLoader(paths, 32, micro_batch_size, shuffle=True, seed=3)
+        loss = accumulate_gradients(model, accelerator, loader, micro_steps)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_accum, g_accum = grads(micro_batch_size=2, micro_steps=4)
+    loss_big, g_big = grads(micro_batch_size=8, micro_steps=1)
+    assert loss_accum.item() == pytest.approx(loss_big.item(), rel=1e-6)
+    for name in g_big:
+        torch.testing.assert_close(g_accum[name], g_big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------- whole runs
+
+
+def test_loss_falls_on_tiny_config(data_dir, tmp_path):
+    model, progress = train.main(tiny_args(data_dir, tmp_path / "run", "--max_steps=120", "--eval_interval=120"))
+    records = read_log(tmp_path / "run")
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert val[0] == pytest.approx(math.log(VOCAB), abs=0.3)  # untrained: uniform over the vocabulary
+    assert val[-1] < val[0] - 0.5
+    assert progress["step"] == 120 and progress["tokens_seen"] == 120 * 4 * 64 * 2
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert key in records[1]
+    effective = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert effective["max_steps"] == 120 and effective["tokens_per_step"] == 512
+    # the final checkpoint is a GPT-2 directory holding the trained weights
+    ckpt = train.find_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step_0000120"
+    reloaded = GPT.from_pretrained(ckpt)
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    common = ["--max_steps=8", "--lr_decay_steps=8", "--log_interval=1", "--eval_interval=4",
+              "--ckpt_interval=4", "--dropout=0.1"]  # dropout: the RNG state must come back too
+    train.main(tiny_args(data_dir, tmp_path / "straight", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main(tiny_args(data_dir, tmp_path / "resumed", *common, "--max_steps=4"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main(tiny_args(data_dir, tmp_path / "resumed", *common, "--init_from=resume"))
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")  # bit for bit
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in straight if "val_loss" in r]
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "ckpt").iterdir())
+    assert kept == ["step_0000004", "step_0000008"]  # keep_last_ckpts=2, no temporary leftovers
+
+
+def test_scratch_run_refuses_a_used_out_dir(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(data_dir, out, "--max_steps=2", "--lr_decay_steps=5"))
+    before = {p: p.stat().st_mtime_ns for p in (out / "ckpt").rglob("*")}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--init_from=resume.*--overwrite=true"):
+        train.main(tiny_args(data_dir, out, "--max_steps=2", "--lr_decay_steps=5"))
+    assert {p: p.stat().st_mtime_ns for p in (out / "ckpt").rglob("*")} == before  # untouched
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main(tiny_args(data_dir, out, "--max_steps=1", "--lr_decay_steps=5", "--overwrite=true"))
+    assert [p.name for p in (out / "ckpt").iterdir()] == ["step_0000001"]
+
+
+def test_eval_steps_larger_than_val_split_is_an_error(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="eval_steps=1000 needs"):
+        train.main(tiny_args(data_dir, tmp_path / "run", "--eval_steps=1000"))
+
+
+def test_finetune_from_hf_dir_starts_at_its_loss(data_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(n_positions=64, n_embd=48, n_layer=2, n_head=3, vocab_size=VOCAB,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(1)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    # The loss of the HF model itself on the first eval windows (the val split read in order).
+    loader = ShardLoader(list_shards(data_dir, "val"), 64, 4, shuffle=False)
+    with torch.no_grad():
+        batches = [loader.next_batch() for _ in range(2)]  # tiny.py: eval_steps = 2, micro-batch 4
+        expected = np.mean([torch.nn.functional.cross_entropy(hf_model(x).logits.flatten(0, 1), y.flatten()).item()
+                            for x, y in batches])
+    _, progress = train.main(tiny_args(data_dir, tmp_path / "ft", f"--init_from={tmp_path / 'hf'}",
+                                       "--max_steps=2", "--lr_decay_steps=5", "--n_layer=7"))
+    first_val = read_log(tmp_path / "ft")[0]
+    assert first_val["step"] == 0 and first_val["val_loss"] == pytest.approx(expected, abs=1e-4)
+    effective = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (effective["n_layer"], effective["n_embd"], effective["n_head"]) == (2, 48, 3)  # from the weights
+
+
+def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=VOCAB))
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1; stopping. No checkpoint"):
+        train.main(tiny_args(data_dir, tmp_path / "run", f"--init_from={tmp_path / 'broken'}"))
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+# ------------------------------------------------------- real processes
+
+
+def _env():
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    """torchrun with 2 processes (gloo DDP) and micro-batch 2 sees, per step, the same windows
+    as 1 process accumulating 2 micro-batches of 2: the losses agree, the processes read
+    disjoint windows and end with identical weights."""
+    common = ["--max_steps=6", "--lr_decay_steps=6", "--log_interval=1", "--eval_interval=6",
+              "--micro_batch_size=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks"),
+         *tiny_args(data_dir, tmp_path / "ddp", *common, "--grad_accum_steps=1")],
+        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main(tiny_args(data_dir, tmp_path / "single", *common, "--grad_accum_steps=2"))
+
+    np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single"), rtol=1e-5)
+    rank0 = torch.load(tmp_path / "ranks" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ranks" / "rank1.pt")
+    assert len(rank0["window_ids"]) == len(rank1["window_ids"]) == 6 * 2
+    assert not set(rank0["window_ids"]) & set(rank1["window_ids"])
+    for name in rank0["weights"]:
+        assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
+
+
+def test_sigterm_saves_a_loadable_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"),
+         *tiny_args(data_dir, out, "--max_steps=100000", "--log_interval=1", "--ckpt_interval=100000")],
+        env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("loss" in r for r in (read_log(out) if (out / "log.jsonl").exists() else [])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped by SIGTERM" in output and "--init_from=resume" in output
+    ckpt = train.find_checkpoint(out)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] >= 1 and ckpt.name == f"step_{meta['step']:07d}"
+    GPT.from_pretrained(ckpt)  # loads: complete, not half-written
+    assert not list((out / "ckpt").glob(".tmp*"))
