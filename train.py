@@ -47,7 +47,8 @@ class TrainConfig:
     init_from: str = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir) or a GPT-2 dir
     overwrite: bool = False  # let a scratch run replace the checkpoints already in out_dir
     seed: int = 1337
-    # model shape (ignored when init_from is a GPT-2 dir or a checkpoint: the shape comes from it)
+    # model shape (with init_from a GPT-2 dir the shape comes from its weights, and block_size,
+    # the training window, may be shorter than its context)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -78,7 +79,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (also at the last step)
     keep_last_ckpts: int = 2
     # speed
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
+    mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where the device runs it natively)
     compile: bool = False  # torch.compile (inductor; works on CPU too)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU in the logs; 0: MFU not shown
     # extras
@@ -87,7 +88,7 @@ class TrainConfig:
 
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
 class ConfigError(ValueError):
@@ -361,8 +362,14 @@ def build_model(cfg: TrainConfig, log) -> tuple[GPT, Path | None]:
         return model, ckpt
     log(f"fine-tuning from {cfg.init_from}")
     model = GPT.from_pretrained(cfg.init_from, **runtime)
-    for k in MODEL_FIELDS:  # the shape comes from the weights
-        setattr(cfg, k, getattr(model.config, k))
+    # The shape comes from the weights; block_size, the training window, may be shorter than the
+    # model's context (e.g. 512-token windows for a 1024-token GPT-2, to save memory).
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.block_size} exceeds the context of {cfg.init_from} "
+                          f"({model.config.block_size} tokens)")
+    for k in MODEL_FIELDS:
+        if k != "block_size":
+            setattr(cfg, k, getattr(model.config, k))
     return model, None
 
 
@@ -620,6 +627,26 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     tmp.replace(png_path)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (fast) here: CUDA with bf16 support, or a CPU with AMX or
+    AVX512-BF16. Elsewhere, e.g. an AVX2-only CPU, bf16 is emulated and much slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def resolve_mixed_precision(cfg: TrainConfig, device: torch.device, log) -> None:
+    """Replace mixed_precision="auto" by what this device runs fastest; warn about slow bf16."""
+    if cfg.mixed_precision == "auto":
+        cfg.mixed_precision = "bf16" if native_bf16(device) else "no"
+        log(f"mixed_precision=auto -> {cfg.mixed_precision} on {device.type}"
+            + ("" if cfg.mixed_precision == "bf16" else " (no native bf16 on this device)"))
+    elif cfg.mixed_precision == "bf16" and not native_bf16(device):
+        log(f"warning: mixed_precision=bf16 on a {device.type} without native bf16: expect it to be slower than fp32")
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -637,6 +664,7 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict]:
     # (set by `accelerate launch --cpu`) must reach it here, as it would reach the Accelerator.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     cfg = validate(cfg, state.num_processes)
+    resolve_mixed_precision(cfg, state.device, print if state.is_main_process else (lambda msg: None))
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         prepare_out_dir(cfg)

@@ -112,6 +112,16 @@ def test_validate_collects_every_problem_and_derives_accumulation():
         validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=8192, grad_accum_steps=3), 2)
 
 
+@pytest.mark.parametrize("name", ["tiny", "small", "gpt2_124m", "finetune_gpt2"])
+def test_shipped_configs_are_valid(name, tmp_path):
+    extra = [f"--init_from={tmp_path}"] if name == "finetune_gpt2" else []
+    cfg = validate(load_config([str(ROOT / "configs" / f"{name}.py"), *extra]), world_size=1)
+    assert cfg.tokens_per_step == cfg.micro_batch_size * cfg.block_size * cfg.grad_accum_steps
+    if name == "gpt2_124m":  # ~0.5M tokens per step on 1 or 8 GPUs
+        assert cfg.tokens_per_step == 524_288
+        assert validate(load_config([str(ROOT / "configs" / "gpt2_124m.py")]), world_size=8).grad_accum_steps == 2
+
+
 # ---------------------------------------------------------- schedule and groups
 
 
@@ -234,6 +244,9 @@ def test_finetune_from_hf_dir_starts_at_its_loss(data_dir, tmp_path):
                             for x, y in batches])
     _, progress = train.main(tiny_args(data_dir, tmp_path / "ft", f"--init_from={tmp_path / 'hf'}",
                                        "--max_steps=2", "--lr_decay_steps=5", "--n_layer=7"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ConfigError, match="block_size=128 exceeds the context"):
+        train.main(tiny_args(data_dir, tmp_path / "ft2", f"--init_from={tmp_path / 'hf'}", "--block_size=128"))
     first_val = read_log(tmp_path / "ft")[0]
     assert first_val["step"] == 0 and first_val["val_loss"] == pytest.approx(expected, abs=1e-4)
     effective = json.loads((tmp_path / "ft" / "config.json").read_text())
