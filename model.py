@@ -318,6 +318,7 @@ class GPT(nn.Module):
         top_p: float | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        vocab_limit: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens next tokens, each (B, 1), continuing the prompt idx (B, T).
 
@@ -325,7 +326,8 @@ class GPT(nn.Module):
         past positions are kept; once the text is longer than block_size every position shifts
         (the position embeddings are absolute), so each step then recomputes the cropped window.
         temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p
-        (nucleus) filtering, then a draw with `generator`.
+        (nucleus) filtering, then a draw with `generator`. vocab_limit restricts the choice to ids
+        below it (e.g. a tokenizer with fewer tokens than a padded vocab_size).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -335,6 +337,8 @@ class GPT(nn.Module):
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if vocab_limit is not None and not 1 <= vocab_limit <= self.config.vocab_size:
+            raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}] or None, got {vocab_limit}")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
         was_training = self.training
@@ -352,6 +356,7 @@ class GPT(nn.Module):
                 else:
                     h = self._hidden(idx[:, -1:], cache)  # only the newest token is new
                 logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
+                logits = logits[:, :vocab_limit]  # a prefix, so an index is still the token id
                 next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 idx = torch.cat([idx, next_token], dim=1)
                 yield next_token
@@ -363,7 +368,7 @@ class GPT(nn.Module):
         """The prompt idx (B, T) followed by max_new_tokens generated tokens: (B, T + new).
 
         Takes the keyword arguments of `generate_tokens` (temperature, top_k, top_p, use_cache,
-        generator).
+        generator, vocab_limit).
         """
         new = list(self.generate_tokens(idx, max_new_tokens, **kwargs))
         return torch.cat([idx, *new], dim=1)

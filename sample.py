@@ -1,0 +1,308 @@
+"""Generate text from a trained checkpoint or a Hugging Face GPT-2 directory.
+
+    python sample.py --checkpoint out/small --prompt "ROMEO:" --num_samples 3 --max_new_tokens 200
+    python sample.py --checkpoint path/to/gpt2 --prompt_file prompt.txt --temperature 0.8 \\
+        --top_p 0.95 --seed 7 --stream
+
+--checkpoint is a training out_dir (its latest checkpoint), one checkpoint directory
+(out_dir/ckpt/step_XXXXXXX) or a Hugging Face GPT-2 directory; train.find_checkpoint resolves it
+and GPT.from_pretrained loads it, so the model's shape is whatever the weights say.
+
+stdout holds only the samples, each followed by a separator line; everything else (what was
+loaded, warnings, tokens/s) goes to stderr. Samples are drawn one after another from a single
+torch.Generator seeded with --seed, so the same seed prints the same text, streamed or not.
+A problem with the input (checkpoint, prompt, device, dtype) prints one `error: ...` line and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPT
+from tokenizer import EOT_TOKEN, gpt2_tokenizer
+from train import find_checkpoint
+
+SEPARATOR = "-" * 40
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class SampleError(Exception):
+    """A problem with what the user asked for; main prints it as one line and exits with 2."""
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (argv without the program name; None: sys.argv[1:]).
+
+    Out-of-range numbers exit with status 2 through argparse, naming the option.
+    """
+    p = argparse.ArgumentParser(description="Generate text from a GPT-2 checkpoint.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training out_dir (its latest checkpoint), a checkpoint directory, "
+                        "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text to continue (default: <|endoftext|> alone)")
+    prompt.add_argument("--prompt_file", default=None, help="a UTF-8 file whose text to continue")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="tokens generated per sample")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 picks the most likely token (greedy)")
+    p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="sample only among the most likely tokens holding this much probability (nucleus)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: a random seed, reported)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--stop_at_eot", action="store_true",
+                   help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 autocast on a CUDA device that supports it, float32 elsewhere")
+    args = p.parse_args(argv)
+
+    if args.num_samples < 1:
+        p.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        p.error(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:  # also refuses nan
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+# ------------------------------------------------------------------ device, dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu. An explicit device must exist here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SampleError(f"--device {name!r} is not a device name ({err})") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SampleError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SampleError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SampleError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise SampleError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        try:  # bf16 on MPS depends on the macOS version; ask the device itself
+            torch.zeros(1, dtype=torch.bfloat16, device=device)
+        except (RuntimeError, TypeError):
+            return False
+        return True
+    return True  # CPU autocast runs bf16 everywhere (emulated, so slower, without AVX512-BF16/AMX)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype to generate in; float32 means no autocast.
+
+    "auto" is bf16 on a CUDA device that supports it, else float32. Asking for bf16 where the
+    device lacks it raises SampleError rather than quietly running in float32.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "bfloat16":
+        if not _bf16_supported(device):
+            raise SampleError(f"--dtype bfloat16 is not supported on {device}; use --dtype float32")
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---------------------------------------------------------------- model, prompt
+
+
+def load_model(checkpoint: str, device: torch.device) -> tuple[GPT, Path]:
+    """Resolve --checkpoint with train.find_checkpoint and load it with GPT.from_pretrained.
+
+    Returns the model (eval mode, on device) and the directory it came from.
+    Raises SampleError naming the path when nothing loadable is there or the files are broken.
+    """
+    try:
+        directory = find_checkpoint(checkpoint)
+        model = GPT.from_pretrained(directory)
+    except KeyError as err:  # a missing or unexpected weight; str(KeyError) would add quotes
+        raise SampleError(f"cannot load {checkpoint}: {err.args[0]}") from err
+    except (OSError, ValueError) as err:
+        raise SampleError(f"cannot load {checkpoint}: {err}") from err
+    return model.to(device).eval(), directory
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None, enc) -> tuple[list[int], bool]:
+    """Token ids of the prompt, and whether to print it in front of each sample.
+
+    No prompt at all starts from <|endoftext|> (a document boundary), which is not printed.
+    Text is encoded with encode_ordinary, so "<|endoftext|>" typed in a prompt is plain text.
+    Raises SampleError for an empty prompt or an unreadable prompt file.
+    """
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise SampleError(f"prompt file {path} does not exist") from err
+        except UnicodeDecodeError as err:
+            raise SampleError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except OSError as err:
+            raise SampleError(f"cannot read prompt file {path}: {err.strerror}") from err
+        if not text:
+            raise SampleError(f"prompt file {path} is empty; leave out --prompt_file to start from <|endoftext|>")
+    elif prompt is not None:
+        text = prompt
+        if not text:
+            raise SampleError("--prompt is empty; leave it out to start from <|endoftext|>")
+    else:
+        return [EOT_TOKEN], False
+    return enc.encode_ordinary(text), True
+
+
+def fit_prompt(ids: list[int], model: GPT) -> list[int]:
+    """Check the prompt against the model: crop it to the last block_size tokens (with a warning
+    on stderr); raise SampleError if it holds an id the model's vocabulary lacks."""
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    if len(ids) > block_size:
+        print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context "
+              f"(block_size={block_size}); keeping its last {block_size} tokens", file=sys.stderr)
+        ids = ids[-block_size:]
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        raise SampleError(f"prompt token id {too_big[0]} is outside the model's vocabulary (vocab_size={vocab_size})")
+    return ids
+
+
+# ------------------------------------------------------------------- generation
+
+
+class TextStream:
+    """Token ids in, text out, for a byte-level BPE whose tokens can split a UTF-8 character.
+
+    Each token's bytes go through an incremental UTF-8 decoder that holds back an incomplete
+    character until its last byte arrives, so the pieces joined equal enc.decode(all ids)
+    (both replace undecodable bytes with U+FFFD).
+    """
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: list[int]) -> str:
+        return self.decoder.decode(b"".join(self.enc.decode_single_token_bytes(i) for i in ids))
+
+    def finish(self) -> str:
+        """Whatever is still held back (an unfinished character becomes U+FFFD)."""
+        return self.decoder.decode(b"", final=True)
+
+
+def generate_sample(model: GPT, prompt_ids: list[int], show_prompt: bool, args, enc,
+                    generator: torch.Generator, dtype: torch.dtype, write) -> int:
+    """Generate one sample, passing its text to write(str) piece by piece; returns tokens generated.
+
+    Uses the model's KV-cache generate_tokens; sampling is restricted to ids the tokenizer can
+    decode (a padded vocab_size may have more). With --stop_at_eot, <|endoftext|> ends the sample
+    and is not written.
+    """
+    device = model.transformer.wte.weight.device
+    stream = TextStream(enc)
+    if show_prompt:
+        write(stream.feed(prompt_ids))
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    vocab_limit = enc.n_vocab if model.config.vocab_size > enc.n_vocab else None
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    n_new = 0
+    tokens = model.generate_tokens(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, generator=generator, vocab_limit=vocab_limit)
+    with autocast, contextlib.closing(tokens):
+        for next_token in tokens:  # (1, 1)
+            token = int(next_token)
+            n_new += 1
+            if args.stop_at_eot and token == EOT_TOKEN:
+                break
+            write(stream.feed([token]))
+    write(stream.finish())
+    return n_new
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load, encode, generate args.num_samples samples to stdout; report speed on stderr."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        enc = gpt2_tokenizer()
+    except RuntimeError as err:
+        raise SampleError(str(err).replace("\n", " ")) from err
+    prompt_ids, show_prompt = read_prompt(args.prompt, args.prompt_file, enc)
+    model, directory = load_model(args.checkpoint, device)
+    cfg = model.config
+    print(f"loaded {directory}: {model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
+          f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, "
+          f"vocab_size={cfg.vocab_size}; {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    prompt_ids = fit_prompt(prompt_ids, model)
+
+    generator = torch.Generator(device=device)
+    if args.seed is None:
+        print(f"seed: {generator.seed()} (pass --seed to repeat)", file=sys.stderr)
+    else:
+        generator.manual_seed(args.seed)
+
+    if args.stream:
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    else:
+        pieces: list[str] = []
+        write = pieces.append
+
+    n_tokens, seconds = 0, 0.0
+    for _ in range(args.num_samples):
+        t0 = time.perf_counter()
+        n_tokens += generate_sample(model, prompt_ids, show_prompt, args, enc, generator, dtype, write)
+        seconds += time.perf_counter() - t0
+        if not args.stream:
+            sys.stdout.write("".join(pieces))
+            pieces.clear()
+        sys.stdout.write(f"\n{SEPARATOR}\n")
+        sys.stdout.flush()
+    rate = n_tokens / seconds if seconds > 0 else float("nan")
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {rate:.1f} tokens/s", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0, or 2 for a problem with the input)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except SampleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
