@@ -1,0 +1,470 @@
+"""model.py: HF parity both ways, sizes, tying, init, causality, attention impls, checkpointing,
+KV cache, sampling and every user-facing error. CPU, float32 unless a test says otherwise."""
+
+import math
+import os
+
+# Nothing here may reach the hub; set before transformers/huggingface_hub read their constants.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model import GPT, GPTConfig, sample_next_token
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+@torch.no_grad()
+def perturb_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Give every parameter (biases and LayerNorms included) random values, so a mixed-up or
+    untransposed weight shows in the logits and outputs depend strongly on context."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def random_ids(B: int, T: int, vocab_size: int = TINY["vocab_size"], seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_hf(tied: bool, seed: int = 0) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=TINY["vocab_size"],
+        n_positions=TINY["block_size"],
+        n_embd=TINY["n_embd"],
+        n_layer=TINY["n_layer"],
+        n_head=TINY["n_head"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(config)
+    perturb_(hf, seed + 1)
+    return hf.eval()
+
+
+# ------------------------------------------------------------------ parity with transformers
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_hf_to_ours_logits_match(tmp_path, tied, weights_file):
+    hf = tiny_hf(tied)
+    if weights_file == "model.safetensors":
+        hf.save_pretrained(tmp_path)
+    else:  # the legacy pickle layout, as older transformers wrote it
+        hf.config.save_pretrained(tmp_path)
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".json"] == [weights_file]
+
+    ours = GPT.from_pretrained(tmp_path).eval()
+    assert ours.config.tie_embeddings is tied
+    idx = random_ids(2, TINY["block_size"])
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_ours_to_hf_logits_match(tmp_path, tied):
+    ours = tiny(tie_embeddings=tied)
+    perturb_(ours, 1)
+    ours.save_pretrained(tmp_path)
+
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.tie_word_embeddings is tied
+    same = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    assert same is tied
+    idx = random_ids(2, TINY["block_size"])
+    with torch.no_grad():
+        logits, _ = ours(idx)
+        expected = hf(idx).logits
+    torch.testing.assert_close(expected, logits, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------- sizes
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+)
+def test_preset_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset))
+    assert sum(p.numel() for p in model.parameters()) == expected  # parameters() counts a tied one once
+    assert model.num_params() == expected
+
+
+def test_flops_per_token_and_non_embedding_count():
+    model = tiny()
+    assert model.flops_per_token(4) > 0
+    assert model.flops_per_token(4) < model.flops_per_token(8) < model.flops_per_token(16)
+    assert model.flops_per_token() == model.flops_per_token(TINY["block_size"])
+    assert 0 < model.num_params(non_embedding=True) < model.num_params()
+
+
+# -------------------------------------------------------------------------------- tying
+
+
+def assert_tied(model: GPT) -> None:
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_tying_survives_load_to_and_save(tmp_path):
+    model = tiny()
+    assert_tied(model)
+
+    other = tiny(seed=1)
+    other.load_state_dict(model.state_dict())
+    assert_tied(other)
+    torch.testing.assert_close(other.lm_head.weight, model.transformer.wte.weight, rtol=0, atol=0)
+
+    model.to(torch.float64)
+    assert_tied(model)
+    assert model.lm_head.weight.dtype == torch.float64
+    model.to("cpu")
+    assert_tied(model)
+    model.to(torch.float32)
+
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
+    assert_tied(loaded)
+    torch.testing.assert_close(loaded.lm_head.weight, model.transformer.wte.weight, rtol=0, atol=0)
+
+
+def test_untied_lm_head_is_separate_and_initialised(tmp_path):
+    model = tiny(tie_embeddings=False, vocab_size=512, n_embd=64, n_head=4)
+    head, wte = model.lm_head.weight, model.transformer.wte.weight
+    assert head is not wte and head.data_ptr() != wte.data_ptr()
+    assert not torch.equal(head, wte)
+    assert head.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.num_params() > tiny(vocab_size=512, n_embd=64, n_head=4).num_params()
+
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.transformer.wte.weight
+    torch.testing.assert_close(loaded.lm_head.weight, head, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.transformer.wte.weight, wte, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_init_statistics_per_weight_group(tied):
+    # Big enough that the smallest group (a 128x128 c_proj, 16k values) has a sample std
+    # within ~0.6% of the truth; 5% is many standard errors away.
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=1024, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = GPT(config)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.add(name)
+        if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+            target = residual_std
+        elif "ln_" in name:
+            expected = 1.0 if name.endswith(".weight") else 0.0
+            assert torch.all(p == expected), name
+            continue
+        elif name.endswith(".bias"):
+            assert torch.all(p == 0), name
+            continue
+        else:  # wte, wpe, c_attn, c_fc, lm_head
+            target = 0.02
+        assert p.std().item() == pytest.approx(target, rel=0.05), name
+        assert abs(p.mean().item()) < 0.05 * target, name
+    assert "lm_head.weight" in seen and "transformer.h.3.mlp.c_proj.weight" in seen
+
+
+def test_initial_loss_is_near_uniform():
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=4096)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    idx = random_ids(8, 64, config.vocab_size, seed=1)
+    targets = random_ids(8, 64, config.vocab_size, seed=2)
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(config.vocab_size), abs=0.1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_later_token_cannot_change_earlier_logits(attention):
+    model = tiny(attention=attention)
+    perturb_(model, 1)
+    idx = random_ids(2, TINY["block_size"])
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)  # the change does reach later positions
+
+
+def sdpa_and_manual() -> tuple[GPT, GPT]:
+    sdpa = tiny(attention="sdpa")
+    perturb_(sdpa, 1)
+    manual = tiny(attention="manual")
+    manual.load_state_dict(sdpa.state_dict())
+    return sdpa, manual
+
+
+def test_manual_and_sdpa_attention_agree():
+    sdpa, manual = sdpa_and_manual()
+    idx = random_ids(3, TINY["block_size"])
+    with torch.no_grad():
+        a, _ = sdpa(idx)
+        b, _ = manual(idx)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def cached_logits(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Feed idx (B, T) through one KV cache in pieces of the given lengths; logits (B, T, V)."""
+    cache = model.new_kv_cache(idx.size(0))
+    out, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model.lm_head(model._hidden(idx[:, start : start + n], cache)))
+            start += n
+    assert start == idx.size(1) and cache.length == start
+    return torch.cat(out, dim=1)
+
+
+def test_manual_and_sdpa_attention_agree_with_kv_cache():
+    sdpa, manual = sdpa_and_manual()
+    idx = random_ids(2, 12)
+    # A prompt, a several-token chunk (queries are the last keys: needs an offset mask), single tokens.
+    chunks = [5, 3, 1, 1, 2]
+    with torch.no_grad():
+        full, _ = sdpa(idx)
+    from_sdpa = cached_logits(sdpa, idx, chunks)
+    from_manual = cached_logits(manual, idx, chunks)
+    torch.testing.assert_close(from_sdpa, from_manual, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_sdpa, full, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------- gradient checkpointing
+
+
+def loss_grads_and_saved_bytes(model: GPT, idx, targets):
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # the same dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), grads, saved
+
+
+def test_gradient_checkpointing_matches_plain_and_saves_memory():
+    config = dict(n_layer=4, n_head=2, n_embd=32, block_size=64, vocab_size=64, dropout=0.1)
+    plain = tiny(**config)
+    checkpointed = tiny(**config, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    idx, targets = random_ids(8, 64, seed=1), random_ids(8, 64, seed=2)
+
+    loss_a, grads_a, bytes_a = loss_grads_and_saved_bytes(plain, idx, targets)
+    loss_b, grads_b, bytes_b = loss_grads_and_saved_bytes(checkpointed, idx, targets)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=0, msg=name)
+    assert bytes_b < 0.5 * bytes_a, (bytes_b, bytes_a)
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_greedy_kv_cache_matches_recompute_past_block_size(attention):
+    model = tiny(attention=attention)
+    perturb_(model, 1, std=0.5)  # a spread-out model, so the greedy text is not one repeated token
+    model.to(torch.float64)  # no near-ties for argmax to break differently
+    prompt = random_ids(2, 5)
+    cached = model.generate(prompt, 40, temperature=0, use_cache=True)
+    recomputed = model.generate(prompt, 40, temperature=0, use_cache=False)
+    assert cached.shape == (2, 45)
+    assert torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, recomputed)
+    assert len(set(cached[0, 5:].tolist())) > 3
+
+
+def test_seeded_sampling_repeats_and_differs_with_seed():
+    model = tiny()
+    prompt = random_ids(2, 3)
+
+    def draw(seed: int) -> torch.Tensor:
+        return model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+def test_top_k_one_is_greedy():
+    model = tiny()
+    perturb_(model, 1)
+    prompt = random_ids(2, 4)
+    greedy = model.generate(prompt, 12, temperature=0)
+    top1 = model.generate(prompt, 12, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top1, greedy)
+
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
+    top1 = sample_next_token(logits, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(top1, logits.argmax(dim=-1, keepdim=True))
+
+
+def draws(logits: torch.Tensor, n: int = 20_000, **kwargs) -> torch.Tensor:
+    """n draws from one row of logits (V,), as a (n,) tensor of token ids."""
+    g = torch.Generator().manual_seed(0)
+    return sample_next_token(logits.expand(n, -1), generator=g, **kwargs).squeeze(1)
+
+
+def test_top_k_never_emits_excluded_tokens():
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    logits = torch.empty(10)
+    logits[order] = torch.arange(10, 0, -1, dtype=torch.float)  # order[0] is the most likely
+    tokens = draws(logits, temperature=1.0, top_k=3)
+    assert set(tokens.tolist()) == set(order[:3].tolist())
+
+
+def test_top_p_never_emits_excluded_tokens():
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    probs = torch.empty(6)
+    probs[order] = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
+    logits = probs.log()
+    # 0.5 + 0.3 >= 0.7: the first two make the nucleus.
+    tokens = draws(logits, temperature=1.0, top_p=0.7)
+    assert set(tokens.tolist()) == {3, 0}
+    assert (tokens == 3).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.02)  # renormalised
+    # 0.5 + 0.3 + 0.1 >= 0.85: three tokens.
+    assert set(draws(logits, temperature=1.0, top_p=0.85).tolist()) == {3, 0, 5}
+    # top-k first, then top-p within what is left.
+    assert set(draws(logits, temperature=1.0, top_k=4, top_p=0.99).tolist()) == {3, 0, 5, 1}
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("field", ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_config_rejects_non_positive_sizes(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**{field: value})
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="n_embd.*n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    for dropout in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            GPTConfig(dropout=dropout)
+    with pytest.raises(ValueError, match="attention.*flash"):
+        GPTConfig(attention="flash")
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = tiny()
+    with pytest.raises(ValueError) as err:
+        model(random_ids(1, TINY["block_size"] + 1))
+    assert "17" in str(err.value) and "16" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_generate_rejects_bad_sampling_settings(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        tiny().generate(random_ids(1, 3), 2, **kwargs)
+
+
+def test_from_pretrained_missing_directory_or_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        GPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_hub_name_offline_says_pass_a_local_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)  # no ./gpt2 directory to find
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # not a real cache
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        GPT.from_pretrained("gpt2")
+
+
+def rewrite_weights(directory, edit) -> None:
+    path = directory / "model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "edit, error, key",
+    [
+        (lambda w: w.pop("transformer.h.1.mlp.c_fc.bias"), KeyError, "transformer.h.1.mlp.c_fc.bias"),
+        # Named without the "transformer." prefix, which the loader strips from every key.
+        (lambda w: w.update({"transformer.h.0.attn.extra": torch.zeros(2)}), KeyError, "h.0.attn.extra"),
+        (
+            lambda w: w.update({"transformer.h.0.attn.c_attn.weight": torch.zeros(32, 64)}),
+            ValueError,
+            "transformer.h.0.attn.c_attn.weight",
+        ),
+    ],
+    ids=["missing", "unexpected", "wrong_shape"],
+)
+def test_from_pretrained_names_the_bad_key(tmp_path, edit, error, key):
+    tiny().save_pretrained(tmp_path)
+    rewrite_weights(tmp_path, edit)
+    with pytest.raises(error, match=key.replace(".", r"\.")):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_from_pretrained_corrupt_safetensors(tmp_path, damage):
+    tiny().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(b"not a safetensors file" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        GPT.from_pretrained(tmp_path)
