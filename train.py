@@ -57,7 +57,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     attention: str = "sdpa"  # "sdpa" or "manual"
-    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, one more forward
     # batch: one optimizer step sees micro_batch_size x grad_accum_steps x processes sequences
     micro_batch_size: int = 8
     grad_accum_steps: Optional[int] = None  # None: 1, or derived from tokens_per_step
