@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from model import GPT, GPTConfig
-from shards import ShardLoader, list_shards
+from shards import ShardError, ShardLoader, list_shards
 
 CKPT_SUBDIR = "ckpt"
 STATE_SUBDIR = "state"  # optimizer, RNG and scaler state, written by Accelerate
@@ -317,9 +317,13 @@ def save_checkpoint(accelerator: Accelerator, model, cfg: TrainConfig, progress:
         raw_model.save_pretrained(tmp, state_dict=full_weights)
         (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         (tmp / "meta.json").write_text(json.dumps(progress, indent=2) + "\n")
-        if final.exists():  # the same step saved before (e.g. a resumed run re-saving): replace
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # the same step saved before: swap, so one complete copy always exists
+            previous = root / f".old_step_{progress['step']:07d}"
+            final.rename(previous)
+            tmp.rename(final)
+            shutil.rmtree(previous)
+        else:
+            tmp.rename(final)
         for old in checkpoint_dirs(cfg.out_dir)[: -cfg.keep_last_ckpts]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -373,7 +377,7 @@ def build_model(cfg: TrainConfig, log) -> tuple[GPT, Path | None]:
     return model, None
 
 
-def prepare_out_dir(cfg: TrainConfig) -> None:
+def prepare_out_dir(cfg: TrainConfig, is_main: bool) -> None:
     """Refuse to start a new run over existing checkpoints unless overwrite is set; a new run
     starts with an empty ckpt/, log.jsonl and loss.png."""
     out = Path(cfg.out_dir)
@@ -384,6 +388,8 @@ def prepare_out_dir(cfg: TrainConfig) -> None:
             f"{out} already holds checkpoints; continue it with --init_from=resume, pick another "
             f"--out_dir, or pass --overwrite=true to replace it"
         )
+    if not is_main:  # every process checks (and raises together); one deletes
+        return
     shutil.rmtree(out / CKPT_SUBDIR, ignore_errors=True)
     for name in ("log.jsonl", "loss.png"):
         (out / name).unlink(missing_ok=True)
@@ -494,6 +500,9 @@ def fit(cfg: TrainConfig, accelerator: Accelerator) -> tuple[GPT, dict]:
             f"windows but {cfg.data_dir} has {val_loader.num_windows}; lower eval_steps"
         )
 
+    # Only now, with the model and data known to be good, may an old run be cleared.
+    prepare_out_dir(cfg, is_main)
+    accelerator.wait_for_everyone()
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -666,9 +675,6 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict]:
     cfg = validate(cfg, state.num_processes)
     resolve_mixed_precision(cfg, state.device, print if state.is_main_process else (lambda msg: None))
     accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        prepare_out_dir(cfg)
-    accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # same initial weights on every process
     return fit(cfg, accelerator)
 
@@ -676,6 +682,9 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ShardError) as err:  # bad input: say what, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:  # diverged: the last good checkpoint is kept
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
