@@ -1,6 +1,7 @@
 """Benchmarks, one function per section; they print the figures quoted in the README.
 
     python bench.py data     # prepare_data.py throughput against single-threaded tiktoken, and its peak memory
+    python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel
     python bench.py          # every section
 """
 
@@ -19,6 +20,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent
 TINYSHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -237,7 +240,89 @@ def bench_data(mb: float = 50.0, doc_kb: float = 5.0, num_workers: int | None = 
     return results
 
 
-SECTIONS = {"data": bench_data}
+def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of an n x n matmul in dtype on the CPU (a practical peak for MFU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _train_steps(model, x, y, precision: str, steps: int) -> float:
+    """Seconds per optimizer step (median of `steps`) of forward + backward + fused AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps (and compilation) are not timed
+        start = time.perf_counter()
+        with autocast:
+            logits = model(x)
+            logits = logits[0] if isinstance(logits, tuple) else logits.logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_train(steps: int = 5) -> None:
+    """Training tokens/s and MFU: this project's GPT vs transformers' GPT2LMHeadModel, same shape."""
+    import transformers
+    from model import GPT, GPTConfig
+    from train import load_config, native_bf16
+
+    cfg = load_config([str(ROOT / "configs" / "small.py")])
+    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    B, T = cfg.micro_batch_size, cfg.block_size
+    torch.manual_seed(0)
+    x = torch.randint(0, 50257, (B, T))
+    y = torch.randint(0, 50257, (B, T))
+    bf16 = native_bf16(torch.device("cpu"))
+
+    print(f"training benchmark: configs/small.py shape {shape}, micro-batch {B} x {T} tokens, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    peak32 = measure_matmul_peak(torch.float32)
+    peak16 = measure_matmul_peak(torch.bfloat16, n=2048 if bf16 else 256, seconds=1.0)
+    print(f"matmul peak measured now: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s "
+          f"({'native' if bf16 else 'emulated: no AMX / AVX512-BF16 on this CPU'})")
+
+    def ours():
+        return GPT(GPTConfig(**shape, vocab_size=50257))
+
+    def theirs():
+        hf = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                     n_positions=cfg.block_size, vocab_size=50257,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(hf).train()
+
+    rows = [("fp32 eager", "fp32", False), ("fp32 + compile", "fp32", True),
+            ("bf16", "bf16", False), ("bf16 + compile", "bf16", True)]
+    flops_per_token = ours().flops_per_token(T)
+    print(f"\n| setting | ours tok/s | ours MFU | HF GPT2LMHeadModel tok/s | HF MFU | ours / HF |")
+    print("|---|---|---|---|---|---|")
+    for label, precision, compiled in rows:
+        if precision == "bf16" and not bf16:
+            print(f"| {label} | skipped: bf16 is emulated here (~{peak32 / peak16:.0f}x slower matmuls than fp32) | | | | |")
+            continue
+        peak = peak16 if precision == "bf16" else peak32
+        results = {}
+        for name, make in (("ours", ours), ("hf", theirs)):
+            model = make()
+            if compiled:
+                model.compile()
+            results[name] = (B * T) / _train_steps(model, x, y, precision, steps)
+        ratio = results["ours"] / results["hf"]
+        print(f"| {label} | {results['ours']:,.0f} | {100 * flops_per_token * results['ours'] / peak:.1f}% | "
+              f"{results['hf']:,.0f} | {100 * flops_per_token * results['hf'] / peak:.1f}% | {ratio:.2f}x |",
+              flush=True)
+
+
+SECTIONS = {"data": bench_data, "train": bench_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--doc_kb", type=float, default=5.0, help="document size in KB (default: 5)")
     data.add_argument("--num_workers", type=int, default=None, help="encoding processes (default: every core)")
     data.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement, taken in turn (default: 5)")
+    train = sections.add_parser("train", help="training tokens/s and MFU: this GPT vs transformers' GPT2LMHeadModel")
+    train.add_argument("--steps", type=int, default=5, help="timed optimizer steps per measurement (default: 5)")
     args = parser.parse_args(argv)
     if args.section is None:
         for run in SECTIONS.values():

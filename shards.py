@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -211,15 +210,17 @@ class ShardLoader:
         start = (self.micro_step * self.world_size + self.rank) * self.micro_batch_size
         return self._epoch_order()[start : start + self.micro_batch_size]
 
-    def read_windows(self, ids: np.ndarray) -> torch.Tensor:
+    def read_windows(self, ids: np.ndarray) -> "torch.Tensor":
         """Window ids (B,) -> tokens (B, block_size + 1) as int64."""
+        import torch  # here, not at the top: prepare_data.py uses this module without torch
+
         shard = np.searchsorted(self.first_window, ids, side="right") - 1
         starts = (ids - self.first_window[shard]) * self.block_size
         T1 = self.block_size + 1
         rows = [self.shards[s][o : o + T1] for s, o in zip(shard, starts)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple["torch.Tensor", "torch.Tensor"]:
         """The next (x, y), each (B, block_size) int64 on the CPU; moves to the next epoch at the end."""
         tokens = self.read_windows(self.window_ids())  # (B, T + 1)
         self.micro_step += 1

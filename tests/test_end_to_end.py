@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from sample import SEPARATOR
 
@@ -26,7 +25,6 @@ def run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.skipif(not (ROOT / "prepare_data.py").is_file(), reason="prepare_data.py is not in the repo yet")
 def test_prepare_train_sample(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"{line} ({i})" for i in range(12) for line in LINES) + "\n", encoding="utf-8")
