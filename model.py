@@ -401,6 +401,7 @@ class GPT(nn.Module):
         """Copy a Hugging Face GPT-2 state dict into this model, checking every key and shape."""
         # Checkpoints saved from GPT2LMHeadModel prefix keys with "transformer."; GPT2Model doesn't.
         hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+        original_name = {k.removeprefix("transformer."): k for k in hf_state}
         own = self.state_dict()
         expected = set()
         for key, param in own.items():
@@ -421,7 +422,7 @@ class GPT(nn.Module):
                 )
             with torch.no_grad():
                 param.copy_(tensor)
-        unexpected = sorted(k for k in hf if k not in expected and not k.endswith(_HF_IGNORED_SUFFIXES))
+        unexpected = sorted(original_name[k] for k in hf if k not in expected and not k.endswith(_HF_IGNORED_SUFFIXES))
         if unexpected:
             raise KeyError(f"unexpected weight(s) in the checkpoint: {unexpected[:5]}")
 

@@ -443,8 +443,7 @@ def rewrite_weights(directory, edit) -> None:
     "edit, error, key",
     [
         (lambda w: w.pop("transformer.h.1.mlp.c_fc.bias"), KeyError, "transformer.h.1.mlp.c_fc.bias"),
-        # Named without the "transformer." prefix, which the loader strips from every key.
-        (lambda w: w.update({"transformer.h.0.attn.extra": torch.zeros(2)}), KeyError, "h.0.attn.extra"),
+        (lambda w: w.update({"transformer.h.0.attn.extra": torch.zeros(2)}), KeyError, "transformer.h.0.attn.extra"),
         (
             lambda w: w.update({"transformer.h.0.attn.c_attn.weight": torch.zeros(32, 64)}),
             ValueError,
