@@ -303,7 +303,7 @@ def bench_train(steps: int = 5) -> None:
     rows = [("fp32 eager", "fp32", False), ("fp32 + compile", "fp32", True),
             ("bf16", "bf16", False), ("bf16 + compile", "bf16", True)]
     flops_per_token = ours().flops_per_token(T)
-    print(f"\n| setting | ours tok/s | ours MFU | HF GPT2LMHeadModel tok/s | HF MFU | ours / HF |")
+    print("\n| setting | ours tok/s | ours MFU | HF GPT2LMHeadModel tok/s | HF MFU | ours / HF |")
     print("|---|---|---|---|---|---|")
     for label, precision, compiled in rows:
         if precision == "bf16" and not bf16:

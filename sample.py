@@ -28,7 +28,7 @@ import torch
 
 from model import GPT
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
-from train import find_checkpoint
+from train import find_checkpoint, native_bf16
 
 SEPARATOR = "-" * 40
 DTYPES = ("auto", "float32", "bfloat16")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: bf16 autocast on a CUDA device that supports it, float32 elsewhere")
+                   help="auto: bf16 autocast where the device runs bf16 natively (CUDA, AMX or AVX512-BF16 CPUs), float32 elsewhere")
     args = p.parse_args(argv)
 
     if args.num_samples < 1:
@@ -123,11 +123,11 @@ def _bf16_supported(device: torch.device) -> bool:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype to generate in; float32 means no autocast.
 
-    "auto" is bf16 on a CUDA device that supports it, else float32. Asking for bf16 where the
-    device lacks it raises SampleError rather than quietly running in float32.
+    "auto" is bf16 where the device runs it natively (train.native_bf16), else float32. Asking
+    for bf16 where the device lacks it raises SampleError rather than quietly running in float32.
     """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name == "bfloat16":
         if not _bf16_supported(device):
             raise SampleError(f"--dtype bfloat16 is not supported on {device}; use --dtype float32")

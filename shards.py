@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where batches are made: prepare_data.py never needs it
+    import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -210,9 +214,9 @@ class ShardLoader:
         start = (self.micro_step * self.world_size + self.rank) * self.micro_batch_size
         return self._epoch_order()[start : start + self.micro_batch_size]
 
-    def read_windows(self, ids: np.ndarray) -> "torch.Tensor":
+    def read_windows(self, ids: np.ndarray) -> torch.Tensor:
         """Window ids (B,) -> tokens (B, block_size + 1) as int64."""
-        import torch  # here, not at the top: prepare_data.py uses this module without torch
+        import torch
 
         shard = np.searchsorted(self.first_window, ids, side="right") - 1
         starts = (ids - self.first_window[shard]) * self.block_size
@@ -220,7 +224,7 @@ class ShardLoader:
         rows = [self.shards[s][o : o + T1] for s, o in zip(shard, starts)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def next_batch(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each (B, block_size) int64 on the CPU; moves to the next epoch at the end."""
         tokens = self.read_windows(self.window_ids())  # (B, T + 1)
         self.micro_step += 1

@@ -13,12 +13,11 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, get_args, get_origin, get_type_hints
 
