@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import atomic
+
 ATTENTION_IMPLS = ("sdpa", "manual")
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
@@ -446,8 +448,8 @@ class GPT(nn.Module):
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads.
 
-        state_dict: as for `hf_state_dict`. Files are written under temporary names and renamed
-        into place.
+        state_dict: as for `hf_state_dict`. Each file is published with atomic.atomic_path
+        (temporary name, fsync, rename), so neither is ever half-written.
         Raises ValueError for a model GPT-2's format cannot express (bias=False).
         """
         from safetensors.torch import save_file
@@ -456,12 +458,9 @@ class GPT(nn.Module):
             raise ValueError("GPT-2's Hugging Face format has biases everywhere; bias=False cannot be exported")
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        weights_tmp = directory / "model.safetensors.tmp"
-        save_file(self.hf_state_dict(state_dict), str(weights_tmp), metadata={"format": "pt"})
-        config_tmp = directory / "config.json.tmp"
-        config_tmp.write_text(json.dumps(config_to_hf(self.config), indent=2) + "\n")
-        weights_tmp.replace(directory / "model.safetensors")
-        config_tmp.replace(directory / "config.json")
+        with atomic.atomic_path(directory / "model.safetensors") as tmp:
+            save_file(self.hf_state_dict(state_dict), str(tmp), metadata={"format": "pt"})
+        atomic.write_json(directory / "config.json", config_to_hf(self.config))
 
 
 def sample_next_token(

@@ -20,25 +20,35 @@ flight (and the largest single document: a .txt file is read whole), never by th
 Worker processes rather than threads: tiktoken releases the GIL, but on the 2-core machine of
 bench.py two threads of one process encoded 10-30% slower than two processes.
 
-Errors in anything the user controls raise DataError; main() prints it as `error: ...` and exits 2.
+Errors in anything the user controls raise DataError (a UserError); main() prints it as
+`error: ...` and exits 2.
+
+Nothing is lost on a failure: --out must be empty, or with --overwrite hold only this tool's own
+files (shards named train_NNNNNN.bin / val_NNNNNN.bin, meta.json, the marker below), which alone
+are replaced. While it writes, the marker file shards.INCOMPLETE_MARKER sits in --out (written
+first, removed after meta.json), so a run killed outright is recognisable and train.py refuses
+its partial shards. An error, Ctrl-C or SIGTERM removes this run's shards and the marker; the
+worker processes exit with the main process, and on their own within a second if it is killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import gzip
 import hashlib
 import importlib.metadata
 import json
 import os
+import multiprocessing
 import re
+import signal
 import sys
+import threading
 import time
 import zlib
 from collections import deque
-import multiprocessing
-import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -48,7 +58,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+import atomic
 import shards
+from errors import DataError, UserError
 from shards import ShardWriter
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, gpt2_tokenizer
 
@@ -62,10 +74,6 @@ BATCH_CHARS = 1 << 20  # characters per encoding task: ~0.1-0.2 s of one worker'
 CHUNK_CHARS = 1 << 20  # a document longer than 2x this is encoded in pieces of about this size
 WRITE_TOKENS = 1 << 20  # tokens gathered before one ShardWriter.add call
 HF_BATCH_ROWS = 1000  # rows per Arrow batch read from a `datasets` dataset or a Parquet file
-
-
-class DataError(ValueError):
-    """A problem with the corpus or the options that the user can fix; main() prints it as one line."""
 
 
 @dataclass
@@ -459,9 +467,19 @@ class EncodedDocument:
     replaced_chars: int  # lone surrogates replaced while encoding
 
 
-def _worker_start() -> None:
+def _worker_start(parent: int) -> None:
     # Ctrl-C reaches every process of the terminal's group; the main process alone handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A worker's watchdog: when the main process is gone (killed with SIGKILL, say, so it could
+    not shut the pool down) the worker is re-parented, and exits instead of waiting forever on a
+    queue nobody writes to."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def worker_context():
@@ -518,7 +536,8 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
     except RuntimeError as err:
         raise DataError(str(err)) from err
     hash_key = f"prepare_data split seed {seed}".encode()
-    pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=worker_context(), initializer=_worker_start)
+    pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=worker_context(), initializer=_worker_start,
+                               initargs=(os.getpid(),))
     in_flight: deque = deque()  # futures, each a list of piece results
     pieces_per_document: deque[int] = deque()
     ready: deque = deque()  # piece results not yet gathered into a document
@@ -560,34 +579,45 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
 # ------------------------------------------------------------------------------------ output
 
 
+_OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|meta\.json|" + re.escape(shards.INCOMPLETE_MARKER) + r")(\.tmp)?")
+
+
+def own_file(name: str) -> bool:
+    """Whether a file name in --out is one this tool writes (and may replace with --overwrite)."""
+    return _OWN_FILE.fullmatch(name) is not None
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Raises DataError if --out is a file, or a non-empty directory without --overwrite."""
+    """Raises DataError if --out is a file, or a non-empty directory without --overwrite, or (with
+    it) holds files that train.py would read as shards but this tool did not write."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and not overwrite:
-        entries = sorted(p.name for p in out.iterdir())
-        if entries:
-            raise DataError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}); "
-                            "pass --overwrite to replace its shards and meta.json, or choose another --out")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not overwrite:
+        unfinished = " (an interrupted earlier run)" if shards.INCOMPLETE_MARKER in entries else ""
+        raise DataError(f"--out {out} is not empty{unfinished}: {len(entries)} entries, e.g. "
+                        f"{', '.join(entries[:3])}; pass --overwrite to replace this tool's shards and "
+                        "meta.json there, or choose another --out")
+    patterns = (shards.shard_pattern("train"), shards.shard_pattern("val"))
+    foreign = [name for name in entries if not own_file(name) and any(p.fullmatch(name) for p in patterns)]
+    if foreign:
+        raise DataError(f"--out {out} holds {len(foreign)} shard-named files this tool did not write "
+                        f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); train.py would read them "
+                        "with the new shards. Move them away or choose another --out; nothing was changed")
 
 
 def clear_out_dir(out: Path) -> tuple[list[str], list[str]]:
-    """Create out, or remove the shards (*.bin, *.bin.tmp) and meta.json of an earlier run from it.
+    """Create out, or remove this tool's files of an earlier run from it (and nothing else).
     Returns (removed names, names of other entries left in place)."""
     out.mkdir(parents=True, exist_ok=True)
     removed = []
     for path in sorted(out.iterdir()):
-        if path.is_file() and (path.name == "meta.json" or path.name.endswith((".bin", ".bin.tmp"))):
+        if path.is_file() and own_file(path.name):
             path.unlink()
             removed.append(path.name)
     return removed, sorted(p.name for p in out.iterdir())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write obj as JSON to path via a temporary file and a rename, so the file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 class SplitWriter:
@@ -652,9 +682,6 @@ class SplitWriter:
             self._write(split)
         return {split: writer.close() for split, writer in self.writers.items()}
 
-    def written(self) -> list[Path]:
-        return [p for writer in self.writers.values() for p in writer.paths]
-
 
 # ------------------------------------------------------------------------------------ the whole run
 
@@ -700,6 +727,26 @@ def show_progress(bar: tqdm, n_documents: int, n_tokens: int, seconds: float) ->
     bar.update(n_documents - bar.n)
 
 
+def write_splits(encoded: Iterable[EncodedDocument], splits: "SplitWriter", stats: Stats, progress: bool) -> tuple[int, int]:
+    """Send every encoded document to its split, with a progress bar; returns (documents, tokens)."""
+    n_documents = n_tokens = 0
+    start = last_refresh = time.perf_counter()
+    with tqdm(desc="encoding", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
+        for doc in encoded:
+            splits.add(doc)
+            n_documents += 1
+            n_tokens += sum(len(t) for t in doc.tokens)
+            if doc.replaced_chars:
+                stats.replaced_chars += doc.replaced_chars
+                stats.replaced_documents += 1
+            now = time.perf_counter()
+            if now - last_refresh > 0.25:
+                show_progress(bar, n_documents, n_tokens, now - start)
+                last_refresh = now
+        show_progress(bar, n_documents, n_tokens, time.perf_counter() - start)
+    return n_documents, n_tokens
+
+
 def prepare(
     out: str | Path,
     *,
@@ -719,9 +766,10 @@ def prepare(
     """Tokenize one source (inputs, hf_dataset or the built-in dataset) into shards in out.
 
     Writes train_000000.bin, ... and val_000000.bin, ... of at most shard_tokens tokens each, then
-    meta.json (written last: its presence means the run completed). Nothing in out is touched
-    until the first document has been read; with overwrite, the old shards and meta.json are
-    removed then. If the run fails after that, the shards it wrote are removed again.
+    meta.json, then removes the INCOMPLETE_MARKER it wrote first. Nothing in out is touched until
+    the first document has been read; with overwrite, this tool's old files are removed then
+    (see check_out_dir for what it refuses). If the run fails or is interrupted after that, the
+    shards it wrote and the marker are removed again.
     Returns the meta.json dict. Raises DataError for every problem with the options or the corpus.
     """
     out = Path(out)
@@ -743,53 +791,48 @@ def prepare(
         print(f"warning: {out} also holds {len(kept)} entries this tool did not write, left in place: "
               f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
 
+    marker = out / shards.INCOMPLETE_MARKER
+    atomic.write_text(marker, f"prepare_data.py started writing {out} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                              f"(pid {os.getpid()}). If it is no longer running, it was interrupted: run it "
+                              "again with --overwrite.\n")
     splits = SplitWriter(out, shard_tokens, val_fraction)
-    n_documents = n_tokens = 0
     start = time.perf_counter()
     try:
-        with tqdm(desc="encoding", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
-            last_refresh = start
-            for doc in encode_documents(chain([first], documents), num_workers, seed):
-                splits.add(doc)
-                n_documents += 1
-                n_tokens += sum(len(t) for t in doc.tokens)
-                if doc.replaced_chars:
-                    stats.replaced_chars += doc.replaced_chars
-                    stats.replaced_documents += 1
-                now = time.perf_counter()
-                if now - last_refresh > 0.25:
-                    show_progress(bar, n_documents, n_tokens, now - start)
-                    last_refresh = now
-            show_progress(bar, n_documents, n_tokens, time.perf_counter() - start)
+        with contextlib.closing(encode_documents(chain([first], documents), num_workers, seed)) as encoded:
+            n_documents, n_tokens = write_splits(encoded, splits, stats, progress)
         paths = splits.close()
+        elapsed = time.perf_counter() - start
+        meta = {
+            "tokenizer": "gpt2",
+            "encoding": f"tiktoken {ENCODING_NAME} (ordinary: <|endoftext|> in a text is encoded as text)",
+            "vocab_size": VOCAB_SIZE,
+            "eot_token": EOT_TOKEN,
+            "document_prefix": "each document is preceded by eot_token",
+            "shard_format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_bytes": shards.HEADER_BYTES,
+                             "token_dtype": "uint16"},
+            "documents": n_documents,
+            "tokens": n_tokens,
+            **{name: {"documents": splits.documents[name],
+                      "tokens": splits.writers[name].total_tokens,
+                      "shards": [p.name for p in paths[name]]} for name in ("train", "val")},
+            "split": splits.split_note,
+            "empty_documents_skipped": stats.empty_documents,
+            "replaced_invalid_chars": stats.replaced_chars,
+            "source": source,
+            "options": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed,
+                        "text_field": text_field, "num_workers": num_workers},
+        }
+        assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens
+        atomic.write_json(out / "meta.json", meta)
     except BaseException:
-        for path in splits.written():
-            path.unlink(missing_ok=True)
+        # clear_out_dir removed this tool's files of earlier runs, so every one there now is this
+        # run's: shards (also one published a moment before the interruption), temporaries, marker.
+        for path in out.iterdir():
+            if own_file(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
         raise
-    elapsed = time.perf_counter() - start
-
-    meta = {
-        "tokenizer": "gpt2",
-        "encoding": f"tiktoken {ENCODING_NAME} (ordinary: <|endoftext|> in a text is encoded as text)",
-        "vocab_size": VOCAB_SIZE,
-        "eot_token": EOT_TOKEN,
-        "document_prefix": "each document is preceded by eot_token",
-        "shard_format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_bytes": shards.HEADER_BYTES,
-                         "token_dtype": "uint16"},
-        "documents": n_documents,
-        "tokens": n_tokens,
-        **{name: {"documents": splits.documents[name],
-                  "tokens": splits.writers[name].total_tokens,
-                  "shards": [p.name for p in paths[name]]} for name in ("train", "val")},
-        "split": splits.split_note,
-        "empty_documents_skipped": stats.empty_documents,
-        "replaced_invalid_chars": stats.replaced_chars,
-        "source": source,
-        "options": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed,
-                    "text_field": text_field, "num_workers": num_workers},
-    }
-    assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens
-    write_json_atomic(out / "meta.json", meta)
+    marker.unlink()
+    atomic.fsync_dir(out)
 
     if stats.skipped_files:
         print(f"warning: skipped {len(stats.skipped_files)} files of other types "
@@ -842,24 +885,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="salt of the split hash: another seed gives another val split (default: 0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow a non-empty --out: its old *.bin shards and meta.json are removed first")
+                        help="allow a non-empty --out: this tool's own files there (train_NNNNNN.bin, "
+                             "val_NNNNNN.bin, meta.json) are replaced; anything else is left alone")
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds and cleans up exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Returns 0, or 2 after printing `error: ...` for a problem with the input."""
+    """The command line. Returns 0; 2 after printing `error: ...` for a problem with the input;
+    130 (Ctrl-C) or 143 (SIGTERM) after removing what the interrupted run wrote."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         prepare(args.out, inputs=args.input, hf_dataset=args.hf_dataset, dataset=args.dataset,
                 hf_config=args.hf_config, split=args.split, text_field=args.text_field,
                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, num_workers=args.num_workers,
                 seed=args.seed, overwrite=args.overwrite)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no meta.json was written and the shards of this run were removed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}: no meta.json was written and the shards of this run were removed", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -5,8 +5,9 @@
         --top_p 0.95 --seed 7 --stream
 
 --checkpoint is a training out_dir (its latest checkpoint), one checkpoint directory
-(out_dir/ckpt/step_XXXXXXX) or a Hugging Face GPT-2 directory; train.find_checkpoint resolves it
-and GPT.from_pretrained loads it, so the model's shape is whatever the weights say.
+(out_dir/ckpt/step_XXXXXXX) or a Hugging Face GPT-2 directory; checkpoints.load_latest resolves
+and loads it (a damaged newest checkpoint is skipped with a warning), so the model's shape is
+whatever the weights say.
 
 stdout holds only the samples, each followed by a separator line; everything else (what was
 loaded, warnings, tokens/s) goes to stderr. Samples are drawn one after another from a single
@@ -26,16 +27,14 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
+from errors import SampleError, UserError
 from model import GPT
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
-from train import find_checkpoint, native_bf16
+from train import native_bf16
 
 SEPARATOR = "-" * 40
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-class SampleError(Exception):
-    """A problem with what the user asked for; main prints it as one line and exits with 2."""
 
 
 # ------------------------------------------------------------------------ arguments
@@ -139,18 +138,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(checkpoint: str, device: torch.device) -> tuple[GPT, Path]:
-    """Resolve --checkpoint with train.find_checkpoint and load it with GPT.from_pretrained.
+    """Load --checkpoint: a GPT-2 directory, a checkpoint, or a run's newest loadable checkpoint.
 
     Returns the model (eval mode, on device) and the directory it came from.
-    Raises SampleError naming the path when nothing loadable is there or the files are broken.
+    Raises CheckpointError naming the path when nothing loadable is there or the files are broken.
     """
-    try:
-        directory = find_checkpoint(checkpoint)
-        model = GPT.from_pretrained(directory)
-    except KeyError as err:  # a missing or unexpected weight; str(KeyError) would add quotes
-        raise SampleError(f"cannot load {checkpoint}: {err.args[0]}") from err
-    except (OSError, ValueError) as err:
-        raise SampleError(f"cannot load {checkpoint}: {err}") from err
+    directory, _, model = checkpoints.load_latest(
+        checkpoint, checkpoints.load_model, need_state=False, warn=lambda msg: print(msg, file=sys.stderr))
     return model.to(device).eval(), directory
 
 
@@ -298,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except SampleError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -6,16 +6,22 @@ unchanged and ours train there:
     header: 256 x int32 (little-endian)  [0] magic 20240520, [1] version 1, [2] token count, rest 0
     body:   token count x uint16         GPT-2 BPE ids (all < 65536)
 
-Files are named `{split}_{index:06d}.bin` (e.g. train_000000.bin, val_000000.bin).
+Files are named `{split}_{index:06d}.bin` (e.g. train_000000.bin, val_000000.bin); a reader
+also takes a prefix (`fineweb_train_000001.bin`, as llm.c and modded-nanogpt name theirs).
+While prepare_data.py writes a directory, the file `prepare_data.incomplete` marks it unfinished;
+`list_shards` refuses such a directory, so a killed run's partial shards are never trained on.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+import atomic
+from errors import ShardError
 
 if TYPE_CHECKING:  # torch is imported where batches are made: prepare_data.py never needs it
     import torch
@@ -25,22 +31,24 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")  # uint16, little-endian
-
-
-class ShardError(ValueError):
-    """A shard file that is not a valid token shard (the message names the file)."""
+INCOMPLETE_MARKER = "prepare_data.incomplete"  # present while a data directory is being written
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
 
 
+def shard_pattern(split: str) -> re.Pattern:
+    """File names a reader takes as shards of `split`: ours, and prefixed ones such as llm.c's."""
+    return re.compile(rf"(?:.*_)?{split}_\d+\.bin")
+
+
 def write_shard(path: str | Path, tokens) -> Path:
     """Write tokens (1-D, each in [0, 65535]) as one shard, atomically.
 
-    The data goes to `<path>.tmp` and is renamed into place once complete and flushed, so an
-    interrupted write never leaves a file that reads as a whole shard.
-    Raises ValueError for tokens outside uint16 or an empty array.
+    Published with atomic.atomic_path, so an interrupted write never leaves a file that reads as
+    a whole shard. Raises ValueError for tokens outside uint16 or an empty array, DiskFullError
+    when the disk fills up.
     """
     path = Path(path)
     tokens = np.asarray(tokens)
@@ -52,25 +60,21 @@ def write_shard(path: str | Path, tokens) -> Path:
         tokens = tokens.astype(TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
     return path
 
 
 def read_shard(path: str | Path) -> np.memmap:
     """Validate a shard's header and return its tokens as a read-only uint16 memmap.
 
-    Raises FileNotFoundError for a missing file and ShardError for a wrong magic, wrong version,
+    Raises ShardError for a missing file, a wrong magic, wrong version,
     or a size that does not match the token count in the header (truncated or padded file).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"shard not found: {path}")
+        raise ShardError(f"shard not found: {path}")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
@@ -92,16 +96,31 @@ def read_shard(path: str | Path) -> np.memmap:
 
 
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """The shards of one split in data_dir, in order. Raises FileNotFoundError if there are none."""
+    """The shards of one split in data_dir, in name order.
+
+    Raises ShardError if data_dir is missing, holds no shard of the split, or is marked as an
+    unfinished prepare_data.py output.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory not found: {data_dir}")
-    paths = sorted(data_dir.glob(f"{split}_*.bin"))
+        raise ShardError(f"data directory not found: {data_dir}")
+    if (data_dir / INCOMPLETE_MARKER).exists():
+        raise ShardError(
+            f"{data_dir} is an unfinished prepare_data.py output ({INCOMPLETE_MARKER} is there: the run was "
+            f"killed or failed); run prepare_data.py again with --out {data_dir} --overwrite"
+        )
+    pattern = shard_pattern(split)
+    paths = sorted(p for p in data_dir.iterdir() if pattern.fullmatch(p.name) and p.is_file())
     if not paths:
-        raise FileNotFoundError(
+        raise ShardError(
             f"no {split}_*.bin shards in {data_dir}; create them with prepare_data.py --out {data_dir}"
         )
     return paths
+
+
+def max_token_id(paths: list[Path]) -> int:
+    """The largest token id in the given shards (a vectorised pass over each memmap)."""
+    return max((int(read_shard(p).max(initial=0)) for p in paths), default=0)
 
 
 class ShardWriter:
@@ -176,7 +195,6 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = [read_shard(p) for p in paths]
-        self.paths = [str(p) for p in paths]
         self.block_size = block_size
         self.micro_batch_size = micro_batch_size
         self.rank = rank
@@ -189,7 +207,7 @@ class ShardLoader:
         self.windows_per_micro_step = micro_batch_size * world_size
         self.steps_per_epoch = self.num_windows // self.windows_per_micro_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ShardError(
                 f"{len(paths)} shard(s) starting {paths[0]} hold {self.num_windows} windows of "
                 f"block_size+1={block_size + 1} tokens, fewer than micro_batch_size x world_size = "
                 f"{self.windows_per_micro_step}; use more data, a smaller block_size or micro_batch_size"
@@ -246,16 +264,16 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position. Raises ValueError if it belongs to other data or a
+        """Continue from a saved position. Raises ShardError if it belongs to other data or a
         global micro-batch of another size."""
         if state["num_windows"] != self.num_windows:
-            raise ValueError(
+            raise ShardError(
                 f"the saved loader position is for {state['num_windows']} windows but the shards "
                 f"now hold {self.num_windows}; the data or block_size changed since the checkpoint"
             )
         consumed = state["windows_consumed"]
         if consumed % self.windows_per_micro_step:
-            raise ValueError(
+            raise ShardError(
                 f"the saved loader position ({consumed} windows) is not a whole number of "
                 f"micro-steps of {self.windows_per_micro_step} windows (micro_batch_size x processes)"
             )

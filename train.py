@@ -3,35 +3,42 @@
     python train.py configs/small.py [--field=value ...]
     accelerate launch train.py configs/small.py --micro_batch_size=16
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train.py configs/tiny.py
+    python train.py --help                # every field with its type, default and meaning
 
-setup: config -> Accelerator -> model -> optimizer -> data; fit: the loop; evaluate; checkpoints.
+Owns: the config (TrainConfig, load_config, validate), the one Accelerator, AdamW groups, the
+warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
+Accelerate side of checkpoints (their layout, checks and publishing belong to checkpoints.py).
+
+A config file is Python, executed as it is read (as in nanoGPT): trust it like a script.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
-import shutil
+import os
+import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, get_args, get_origin, get_type_hints
+from typing import Callable, Optional, get_args, get_origin, get_type_hints
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
+import atomic
+import checkpoints
+import shards
+from errors import CheckpointError, ConfigError, DivergenceError, ShardError, UserError
 from model import GPT, GPTConfig
-from shards import ShardError, ShardLoader, list_shards
-
-CKPT_SUBDIR = "ckpt"
-STATE_SUBDIR = "state"  # optimizer, RNG and scaler state, written by Accelerate
-
+from shards import ShardLoader, list_shards
 
 # --------------------------------------------------------------------------- config
 
@@ -44,39 +51,39 @@ class TrainConfig:
     data_dir: str = "data/shakespeare"  # holds train_*.bin and val_*.bin (prepare_data.py)
     out_dir: str = "out/run"  # checkpoints, log.jsonl, config.json
     init_from: str = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir) or a GPT-2 dir
-    overwrite: bool = False  # let a scratch run replace the checkpoints already in out_dir
+    overwrite: bool = False  # let a scratch run replace an earlier run's outputs in out_dir (only those)
     seed: int = 1337
     # model shape (with init_from a GPT-2 dir the shape comes from its weights, and block_size,
     # the training window, may be shorter than its context)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    bias: bool = True
+    block_size: int = 1024  # tokens per training window
+    vocab_size: int = 50257  # GPT-2's BPE; must exceed every token id in the data
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     attention: str = "sdpa"  # "sdpa" or "manual"
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, one more forward
     # batch: one optimizer step sees micro_batch_size x grad_accum_steps x processes sequences
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # sequences per process per forward/backward
     grad_accum_steps: Optional[int] = None  # None: 1, or derived from tokens_per_step
     tokens_per_step: Optional[int] = None  # global batch in tokens; sets grad_accum_steps
     # optimizer and schedule (step = one optimizer update)
-    max_steps: int = 1000
-    warmup_steps: int = 100
+    max_steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100  # linear warmup; clipped to max_steps when lr_decay_steps is None
     lr_decay_steps: Optional[int] = None  # end of the cosine; None: max_steps
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
+    learning_rate: float = 6e-4  # peak
+    min_lr: float = 6e-5  # end of the cosine, and flat after it
+    weight_decay: float = 0.1  # AdamW decay on matrices; none on biases and LayerNorm
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evals (also at step 0 and the last step)
     eval_steps: int = 20  # micro-batches per eval, per process
-    log_interval: int = 10
+    log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 500  # steps between checkpoints (also at the last step)
-    keep_last_ckpts: int = 2
+    keep_last_ckpts: int = 2  # checkpoints kept; older ones are removed
     # speed
     mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where the device runs it natively)
     compile: bool = False  # torch.compile (inductor; works on CPU too)
@@ -88,10 +95,7 @@ class TrainConfig:
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
-
-
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names every bad key."""
+RUN_FILES = ("config.json", "log.jsonl", "loss.png")  # besides ckpt/: what a run writes into out_dir
 
 
 def _field_types() -> dict[str, type]:
@@ -101,6 +105,27 @@ def _field_types() -> dict[str, type]:
 def _closest(name: str) -> str:
     match = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _type_name(hint) -> str:
+    if get_origin(hint) is not None and type(None) in get_args(hint):
+        return next(a for a in get_args(hint) if a is not type(None)).__name__ + " or None"
+    return hint.__name__
+
+
+def config_help() -> str:
+    """`train.py --help`: the usage lines, then every TrainConfig field with its type, default
+    and the comment beside it in the source (the one place each field is explained)."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        found = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.+)$", line)
+        if found:
+            comments[found.group(1)] = found.group(2)
+    usage = __doc__.split("\n\n")[1]
+    rows = [f"  --{f.name}={f.default!s}".ljust(34) + f" {_type_name(_field_types()[f.name])}."
+            + (f" {comments[f.name]}" if f.name in comments else "") for f in dataclasses.fields(TrainConfig)]
+    return ("usage:\n" + usage + "\n\nA config file (Python, executed: trust it like a script) sets fields by "
+            "assignment; --field=value overrides them.\nfields (default, type, meaning):\n" + "\n".join(rows))
 
 
 def _convert(name: str, value, from_string: bool):
@@ -139,8 +164,9 @@ def _convert(name: str, value, from_string: bool):
 def load_config(argv: list[str]) -> TrainConfig:
     """TrainConfig from an optional config file (first argument) and --field=value overrides.
 
-    A config file is Python whose top-level assignments set fields. Unknown names, values of the
-    wrong type and malformed arguments raise ConfigError naming them.
+    A config file is Python whose top-level assignments set fields; it is executed, so it must
+    be trusted like a script. Unknown names, values of the wrong type and malformed arguments
+    raise ConfigError naming them.
     """
     values: dict = {}
     args = list(argv)
@@ -158,7 +184,7 @@ def load_config(argv: list[str]) -> TrainConfig:
             values[key] = _convert(key, value, from_string=False)
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"expected --field=value, got {arg!r}")
+            raise ConfigError(f"expected --field=value, got {arg!r} (python train.py --help lists the fields)")
         key, value = arg[2:].split("=", 1)
         if key not in _field_types():
             raise ConfigError(f"unknown config key {key!r}{_closest(key)}")
@@ -166,9 +192,13 @@ def load_config(argv: list[str]) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
+def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lambda msg: None,
+             resume_tokens_per_step: int | None = None) -> TrainConfig:
     """Check every value and derive grad_accum_steps, lr_decay_steps, tokens_per_step.
 
+    Without lr_decay_steps, warmup_steps above max_steps is clipped to it (a run shortened on the
+    command line), with a note through log. resume_tokens_per_step, the global batch of the checkpoint being resumed,
+    is kept when the number of processes changed: the accumulation is re-derived, with a note.
     Collects all problems into one ConfigError. Returns the completed config.
     """
     problems = []
@@ -194,10 +224,16 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
     need(cfg.init_from in ("scratch", "resume") or Path(cfg.init_from).is_dir(),
          f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or an existing GPT-2 directory")
+    need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(), f"out_dir={cfg.out_dir} is a file, not a directory")
 
-    sequences_per_micro_step = cfg.micro_batch_size * world_size
+    per_micro = cfg.micro_batch_size * world_size * cfg.block_size  # tokens per micro-step, all processes
+    if resume_tokens_per_step is not None:
+        if cfg.tokens_per_step not in (None, resume_tokens_per_step):
+            problems.append(f"tokens_per_step={cfg.tokens_per_step} differs from the checkpoint's "
+                            f"{resume_tokens_per_step}; a resumed run keeps its global batch (start a new run to change it)")
+        elif per_micro * (cfg.grad_accum_steps or 1) != resume_tokens_per_step:
+            cfg.tokens_per_step, cfg.grad_accum_steps = resume_tokens_per_step, None
     if cfg.tokens_per_step is not None:
-        per_micro = sequences_per_micro_step * cfg.block_size
         if cfg.tokens_per_step % per_micro:
             problems.append(
                 f"tokens_per_step={cfg.tokens_per_step} is not divisible by micro_batch_size x "
@@ -210,13 +246,20 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
                     f"grad_accum_steps={cfg.grad_accum_steps} contradicts tokens_per_step="
                     f"{cfg.tokens_per_step}, which needs {derived} on {world_size} process(es)"
                 )
+            elif resume_tokens_per_step is not None and cfg.grad_accum_steps is None:
+                log(f"note: grad_accum_steps={derived} keeps the checkpoint's {resume_tokens_per_step:,} tokens "
+                    f"per step with {world_size} process(es) of micro_batch_size={cfg.micro_batch_size}")
             cfg.grad_accum_steps = derived
     if cfg.grad_accum_steps is None:
         cfg.grad_accum_steps = 1
     need(cfg.grad_accum_steps >= 1, f"grad_accum_steps={cfg.grad_accum_steps} must be >= 1")
-    cfg.tokens_per_step = sequences_per_micro_step * cfg.block_size * cfg.grad_accum_steps
+    cfg.tokens_per_step = per_micro * cfg.grad_accum_steps
 
-    if cfg.lr_decay_steps is None:
+    if cfg.lr_decay_steps is None:  # the cosine ends with the run; a shortened run warms up at most all of it
+        if cfg.max_steps >= 1 and cfg.warmup_steps > cfg.max_steps:
+            log(f"note: warmup_steps={cfg.warmup_steps} is more than max_steps={cfg.max_steps}; warming up over "
+                f"all {cfg.max_steps} steps")
+            cfg.warmup_steps = cfg.max_steps
         cfg.lr_decay_steps = cfg.max_steps
     need(cfg.lr_decay_steps >= cfg.warmup_steps,
          f"lr_decay_steps={cfg.lr_decay_steps} must be >= warmup_steps={cfg.warmup_steps}")
@@ -226,7 +269,7 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         need(importlib.util.find_spec("matplotlib") is not None,
              "plot=true needs matplotlib: pip install -e '.[plot]'")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
     return cfg
 
 
@@ -264,67 +307,107 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     )
 
 
+# ------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Where a run is, besides weights and optimizer: a checkpoint's meta.json holds it, so a
+    resumed run continues with the same step, token count and data position."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    train_loader: dict = field(default_factory=dict)  # ShardLoader.state_dict()
+    loss: Optional[float] = None  # of the last step, averaged over processes
+    val_loss: Optional[float] = None  # of the last eval
+    num_processes: Optional[int] = None  # that wrote the checkpoint
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, meta: dict) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in known})
+
+
+@dataclass
+class Resume:
+    """The checkpoint a resumed run starts from, checked and loaded (see select_resume)."""
+
+    ckpt: Path
+    state: TrainState
+    train_config: dict
+    model: GPT
+
+
 # ------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in out_dir/ckpt, oldest first (temporary directories excluded)."""
-    root = Path(out_dir) / CKPT_SUBDIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
+def _all_ranks(accelerator: Accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every process (one all-reduce), so all of them take the same branch."""
+    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A directory with GPT-2 weights: a checkpoint, a HF GPT-2 dir, or a run's latest checkpoint.
-
-    Raises FileNotFoundError naming the path when it holds none of these.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
-    if (path / "config.json").is_file() and path.is_dir() and any(
-        (path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")
-    ):
-        return path
-    found = checkpoint_dirs(path)
-    if not found:
-        raise FileNotFoundError(
-            f"{path} holds no checkpoint: expected config.json + model.safetensors, or {CKPT_SUBDIR}/step_*/"
-        )
-    return found[-1]
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """Whether every local parameter (a shard under FSDP) is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def save_checkpoint(accelerator: Accelerator, model, cfg: TrainConfig, progress: dict, raw_model: GPT) -> Path:
-    """Write out_dir/ckpt/step_XXXXXXX atomically; keep the last keep_last_ckpts.
-
-    Layout: config.json + model.safetensors (GPT-2's HF format, from the unwrapped model, so the
-    directory works with sample.py, init_from and transformers), state/ (optimizer, RNG, scaler,
-    from Accelerate), train_config.json and meta.json (step, tokens seen, loader position).
-    Everything goes into a temporary directory that is renamed into place when complete.
-    """
-    root = Path(cfg.out_dir) / CKPT_SUBDIR
-    final = root / f"step_{progress['step']:07d}"
-    tmp = root / f".tmp_step_{progress['step']:07d}"
+def _agree_or_raise(accelerator: Accelerator, error: Exception | None, cfg: TrainConfig, final: Path) -> None:
+    """A collective check after each phase of a save: if any process failed, the main process
+    removes the temporary directory and every process raises (the disk-full error as such)."""
+    if _all_ranks(accelerator, error is None):
+        return
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE_SUBDIR))
-    full_weights = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
+        checkpoints.remove_leftovers(cfg.out_dir)
+    if error is not None and atomic.is_disk_full(error, final.parent):
+        raise atomic.DiskFullError(f"disk full while writing the checkpoint {final} ({type(error).__name__}: {error}); "
+                                   f"the partial checkpoint was removed and older ones are intact: free some space "
+                                   f"and continue with --init_from=resume") from error
+    if error is not None:
+        raise error
+    raise CheckpointError(f"another process failed to write its part of {final}; see its error")
+
+
+def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainConfig, state: TrainState) -> Path:
+    """Write out_dir/ckpt/step_XXXXXXX (layout in checkpoints.py) and prune the old ones.
+
+    Weights go to model.safetensors in GPT-2's HF format, from the unwrapped model (full weights
+    gathered under FSDP); Accelerate writes state/. Everything is built in a temporary directory
+    that checkpoints.finish publishes once every process has written its part. A failure on any
+    process (a full disk, say) removes the temporary directory and raises on every process; no
+    older checkpoint is touched.
+    """
+    final = checkpoints.step_dir(cfg.out_dir, state.step)
+    tmp = checkpoints.tmp_dir(cfg.out_dir, state.step)
+    error = None
     if accelerator.is_main_process:
-        raw_model.save_pretrained(tmp, state_dict=full_weights)
-        (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(progress, indent=2) + "\n")
-        if final.exists():  # the same step saved before: swap, so one complete copy always exists
-            previous = root / f".old_step_{progress['step']:07d}"
-            final.rename(previous)
-            tmp.rename(final)
-            shutil.rmtree(previous)
-        else:
-            tmp.rename(final)
-        for old in checkpoint_dirs(cfg.out_dir)[: -cfg.keep_last_ckpts]:
-            shutil.rmtree(old)
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_leftovers(cfg.out_dir)
+            tmp.mkdir()
+        except OSError as err:
+            error = err
+    _agree_or_raise(accelerator, error, cfg, final)
+    try:
+        accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
+        full_weights = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
+        if accelerator.is_main_process:
+            raw_model.save_pretrained(tmp, state_dict=full_weights)
+            (tmp / checkpoints.TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    except Exception as err:  # noqa: BLE001 -- raised by _agree_or_raise once every process knows
+        error = err
+    _agree_or_raise(accelerator, error, cfg, final)
+    if accelerator.is_main_process:
+        try:
+            checkpoints.finish(tmp, final, state.state_dict())
+        except Exception as err:  # noqa: BLE001 -- as above
+            error = err
+    _agree_or_raise(accelerator, error, cfg, final)
+    if accelerator.is_main_process:
+        checkpoints.prune(cfg.out_dir, final, cfg.keep_last_ckpts)
     accelerator.wait_for_everyone()
     return final
 
@@ -344,27 +427,50 @@ def _skip_model_weights_in_state(accelerator: Accelerator) -> None:
         accelerator.register_load_state_pre_hook(on_load)
 
 
+def runtime_overrides(cfg: TrainConfig) -> dict:
+    """Model settings that are not part of the weights, taken from the run's config."""
+    return dict(dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention)
+
+
+def select_resume(cfg: TrainConfig, log) -> Resume:
+    """The newest checkpoint of cfg.out_dir that verifies and loads, falling back past damaged ones
+    with a warning naming each (checkpoints.load_latest). Every process reads the same files and
+    must pick the same one. Raises CheckpointError when none loads."""
+    if not checkpoints.list_checkpoints(cfg.out_dir):
+        raise CheckpointError(f"init_from=resume but {checkpoints.ckpt_root(cfg.out_dir)} holds no checkpoint")
+
+    def load(ckpt: Path) -> tuple[dict, GPT]:
+        try:
+            train_config = json.loads((ckpt / checkpoints.TRAIN_CONFIG_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not readable JSON ({err})") from None
+        return train_config, checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+
+    ckpt, meta, (train_config, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
+    chosen = [ckpt.name]
+    broadcast_object_list(chosen)  # from the main process; a no-op with one process
+    if chosen[0] != ckpt.name:
+        raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
+                              f"is {cfg.out_dir} on a file system every machine shares?")
+    return Resume(ckpt, TrainState.from_state_dict(meta), train_config, model)
+
+
 # ------------------------------------------------------------------------- setup
 
 
-def build_model(cfg: TrainConfig, log) -> tuple[GPT, Path | None]:
-    """The model for cfg.init_from, and the checkpoint to resume from (or None)."""
-    runtime = dict(dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention)
-    if cfg.init_from == "scratch":
-        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **runtime)), None
-    if cfg.init_from == "resume":
-        found = checkpoint_dirs(cfg.out_dir)
-        if not found:
-            raise ConfigError(f"init_from=resume but {cfg.out_dir}/{CKPT_SUBDIR} holds no checkpoint")
-        ckpt = found[-1]
-        model = GPT.from_pretrained(ckpt, **runtime)
+def build_model(cfg: TrainConfig, resume: Resume | None, log) -> GPT:
+    """The model for cfg.init_from: new, the resumed checkpoint's, or a GPT-2 directory's."""
+    if resume is not None:
+        model = resume.model
         mismatched = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(model.config, k)})"
                       for k in MODEL_FIELDS if getattr(cfg, k) != getattr(model.config, k)]
         if mismatched:
-            raise ConfigError(f"config does not match the checkpoint {ckpt}: " + ", ".join(mismatched))
-        return model, ckpt
+            raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
+        return model
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **runtime_overrides(cfg)))
     log(f"fine-tuning from {cfg.init_from}")
-    model = GPT.from_pretrained(cfg.init_from, **runtime)
+    model = checkpoints.load_model(Path(cfg.init_from), **runtime_overrides(cfg))
     # The shape comes from the weights; block_size, the training window, may be shorter than the
     # model's context (e.g. 512-token windows for a 1024-token GPT-2, to save memory).
     if cfg.block_size > model.config.block_size:
@@ -373,33 +479,68 @@ def build_model(cfg: TrainConfig, log) -> tuple[GPT, Path | None]:
     for k in MODEL_FIELDS:
         if k != "block_size":
             setattr(cfg, k, getattr(model.config, k))
-    return model, None
+    return model
 
 
-def prepare_out_dir(cfg: TrainConfig, is_main: bool) -> None:
-    """Refuse to start a new run over existing checkpoints unless overwrite is set; a new run
-    starts with an empty ckpt/, log.jsonl and loss.png."""
-    out = Path(cfg.out_dir)
+def run_outputs(out_dir: Path) -> list[Path]:
+    """What an earlier run left in out_dir that a new one would replace: its files (RUN_FILES and
+    their temporaries), checkpoints and checkpoint leftovers. Nothing else counts."""
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    found += [p for name in RUN_FILES for p in [atomic.tmp_name(out_dir / name)] if p.exists()]
+    return found + checkpoints.list_checkpoints(out_dir) + checkpoints.leftovers(out_dir)
+
+
+def check_out_dir(cfg: TrainConfig) -> list[Path]:
+    """For a new run: the earlier outputs to remove (only with overwrite). Raises ConfigError
+    naming them when there are any and overwrite is off: nothing is deleted or overwritten."""
     if cfg.init_from == "resume":
-        return
-    if checkpoint_dirs(out) and not cfg.overwrite:
+        return []
+    found = run_outputs(Path(cfg.out_dir))
+    if found and not cfg.overwrite:
+        names = ", ".join(str(p.relative_to(cfg.out_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         raise ConfigError(
-            f"{out} already holds checkpoints; continue it with --init_from=resume, pick another "
-            f"--out_dir, or pass --overwrite=true to replace it"
+            f"{cfg.out_dir} already holds checkpoints or logs of a run ({names}); continue it with "
+            f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to replace them "
+            f"(only this project's outputs are removed)"
         )
-    if not is_main:  # every process checks (and raises together); one deletes
-        return
-    shutil.rmtree(out / CKPT_SUBDIR, ignore_errors=True)
-    for name in ("log.jsonl", "loss.png"):
-        (out / name).unlink(missing_ok=True)
+    return found
 
 
-def check_vocab(data_dir: str, vocab_size: int) -> None:
+def clear_outputs(found: list[Path]) -> None:
+    """Remove an earlier run's outputs (check_out_dir's list): checkpoints through atomic.remove_dir."""
+    for path in found:
+        if path.is_dir():
+            atomic.remove_dir(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
+    """Every token id in the data must be below the model's vocab_size. meta.json (prepare_data.py)
+    says which vocabulary the shards use; foreign shards (llm.c, modded-nanogpt) have none, so
+    their largest id is read (a vectorised pass over the memmaps)."""
     meta = Path(data_dir) / "meta.json"
     if meta.is_file():
-        data_vocab = json.loads(meta.read_text()).get("vocab_size")
+        try:
+            data_vocab = json.loads(meta.read_text()).get("vocab_size")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise ShardError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
         if data_vocab is not None and data_vocab > vocab_size:
-            raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's {vocab_size}")
+            raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's vocab_size={vocab_size}")
+        return
+    largest = shards.max_token_id(paths)
+    if largest >= vocab_size:
+        raise ConfigError(f"the shards in {data_dir} hold token id {largest}, but the model's vocab_size={vocab_size} "
+                          f"only covers ids below it; raise vocab_size or use other data")
+
+
+def describe_processes(accelerator: Accelerator) -> str:
+    """How the run is spread: '1 process on cpu', 'DDP over gloo, 2 processes', 'FSDP over nccl, 8 processes'."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.NO:
+        return f"1 process on {accelerator.device}"
+    name = "FSDP" if kind == DistributedType.FSDP else "DDP" if kind.name.startswith("MULTI_") else kind.name
+    return f"{name} over {accelerator.state.backend}, {accelerator.num_processes} processes on {accelerator.device.type}"
 
 
 # -------------------------------------------------------------------------- loop
@@ -462,151 +603,87 @@ def accumulate_gradients(model, accelerator: Accelerator, loader: ShardLoader, m
     return loss_sum / micro_steps
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log records past `step`: a resumed run logs those steps again."""
+@dataclass
+class StepStats:
+    """One optimizer step, as every process agrees on it."""
+
+    loss: float  # mean over micro-steps and processes, measured before the update
+    grad_norm: float  # global, before clipping
+    lr: float
+    stop_requested: bool  # a stop signal reached some process
+    applied: bool  # False: loss or gradient norm was not finite, so the update was skipped
+
+
+def train_step(model, optimizer, accelerator: Accelerator, loader: ShardLoader, cfg: TrainConfig,
+               step: int, stop: StopSignal) -> StepStats:
+    """Accumulate gradients, clip, and apply one AdamW update at the learning rate of `step`.
+
+    The update is applied only when the loss and the gradient norm are finite on every process
+    (under fp16 an overflowing gradient is the GradScaler's to skip, so only the loss counts).
+    """
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = accumulate_gradients(model, accelerator, loader, cfg.grad_accum_steps)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
+    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), device=loss.device)
+    # One all-reduce carries the loss, the norm and any stop request, so every process agrees on all three.
+    stop_flag = torch.tensor(float(stop.received is not None), device=loss.device)
+    loss, grad_norm, stopped = accelerator.reduce(torch.stack([loss, grad_norm.float(), stop_flag]), "mean").tolist()
+    applied = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stopped > 0, applied=applied)
+
+
+def diverged(cfg: TrainConfig, step: int, what: str) -> DivergenceError:
+    """The error for a non-finite step: names it and the newest checkpoint, whose weights were
+    checked finite when it was saved (or says there is none)."""
+    last = checkpoints.list_checkpoints(cfg.out_dir)
+    where = (f"The last good checkpoint is {last[-1]} (its weights are all finite): lower learning_rate and "
+             f"continue with --init_from=resume" if last else "No checkpoint was saved yet.")
+    return DivergenceError(f"{what} at step {step}; stopping without saving. {where}")
+
+
+# -------------------------------------------------------------------------- logs
+
+
+def read_log(path: Path, warn: Callable[[str], None] = lambda msg: None) -> list[dict]:
+    """The records of a log.jsonl. A line that is not a JSON object (a write torn by a crash or a
+    full disk) is dropped with a warning naming it."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            warn(f"warning: dropping line {number} of {path}, which is not a whole log record: {line[:60]!r}")
+            continue
+        records.append(record)
+    return records
+
+
+def truncate_log(path: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Drop log records past `step` (a resumed run logs those steps again) and torn lines."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        kept = [r for r in read_log(path, warn) if r["step"] <= step]
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def fit(cfg: TrainConfig, accelerator: Accelerator) -> tuple[GPT, dict]:
-    """Run training to cfg.max_steps (or a stop signal).
-
-    Returns the trained model (unwrapped) and the final progress record (step, tokens_seen,
-    loss, val_loss, loader position)."""
-    is_main = accelerator.is_main_process
-    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
-    out_dir = Path(cfg.out_dir)
-
-    model, resume_from = build_model(cfg, log)
-    raw_model = model
-    check_vocab(cfg.data_dir, model.config.vocab_size)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    train_loader = ShardLoader(list_shards(cfg.data_dir, "train"), cfg.block_size, cfg.micro_batch_size,
-                               rank, world, seed=cfg.seed, shuffle=True)
-    val_loader = ShardLoader(list_shards(cfg.data_dir, "val"), cfg.block_size, cfg.micro_batch_size,
-                             rank, world, seed=cfg.seed, shuffle=False)
-    if val_loader.steps_per_epoch < cfg.eval_steps:
-        raise ConfigError(
-            f"eval_steps={cfg.eval_steps} needs {cfg.eval_steps * val_loader.windows_per_micro_step} val "
-            f"windows but {cfg.data_dir} has {val_loader.num_windows}; lower eval_steps"
-        )
-
-    # Only now, with the model and data known to be good, may an old run be cleared.
-    prepare_out_dir(cfg, is_main)
-    accelerator.wait_for_everyone()
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    if cfg.compile:
-        model.compile()  # in place: no wrapper, so state_dict keys stay GPT-2's
-    optimizer = make_optimizer(model, cfg, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    _skip_model_weights_in_state(accelerator)
-
-    progress = {"step": 0, "tokens_seen": 0, "train_loader": train_loader.state_dict()}
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from / STATE_SUBDIR))
-        progress = json.loads((resume_from / "meta.json").read_text())
-        train_loader.load_state_dict(progress["train_loader"])
-        if is_main:
-            truncate_log(out_dir / "log.jsonl", progress["step"])
-        log(f"resumed from {resume_from} at step {progress['step']}")
-    if cfg.log_with:
-        accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
-
-    n_params = raw_model.num_params()
-    flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
-    log(f"{n_params / 1e6:.2f}M parameters | {world} process(es) on {accelerator.device} | "
-        f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
-        f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
-
-    log_path = out_dir / "log.jsonl"
-    step = progress["step"]
-    start_time = time.time()
-    window_time, window_tokens = time.time(), 0
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-
-    def run_eval():
-        val_loss = evaluate(model, val_loader, accelerator, cfg.eval_steps)
-        progress["val_loss"] = val_loss
-        if is_main:
-            append_log(log_path, {"step": step, "val_loss": val_loss})
-            log(f"step {step}: val loss {val_loss:.4f}")
-        accelerator.log({"val_loss": val_loss}, step=step)
-
-    if step == 0:
-        run_eval()
-    model.train()
-    with StopSignal() as stop:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = accumulate_gradients(model, accelerator, train_loader, cfg.grad_accum_steps)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_tokens += cfg.tokens_per_step
-            # One all-reduce carries the loss and any stop request, so every process agrees on both.
-            stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-            flags = torch.stack([loss, stop_flag])
-            flags = accelerator.reduce(flags, reduction="mean")
-            step_loss, stop_requested = flags[0].item(), flags[1].item() > 0
-            if not math.isfinite(step_loss):
-                last = checkpoint_dirs(cfg.out_dir)
-                raise FloatingPointError(
-                    f"loss is {step_loss} at step {step}; stopping. "
-                    + (f"Last good checkpoint: {last[-1]}" if last else "No checkpoint was saved yet.")
-                )
-            progress = {**progress, "step": step, "tokens_seen": progress["tokens_seen"] + cfg.tokens_per_step,
-                        "train_loader": train_loader.state_dict(), "loss": step_loss}
-            bar.update(1)
-            last_step = step == cfg.max_steps
-            if step % cfg.log_interval == 0 or last_step:
-                elapsed = time.time() - window_time
-                tokens_per_sec = window_tokens / elapsed
-                mfu = flops_per_step * (window_tokens / cfg.tokens_per_step) / elapsed / (cfg.peak_flops * world) \
-                    if cfg.peak_flops else None
-                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens_seen": progress["tokens_seen"],
-                          "elapsed_sec": time.time() - start_time}
-                if is_main:
-                    append_log(log_path, record)
-                    mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                    log(f"step {step}/{cfg.max_steps} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                        f"grad_norm {float(grad_norm):.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
-                        f"{_format_time(record['elapsed_sec'])}")
-                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
-                window_time, window_tokens = time.time(), 0
-            if step % cfg.eval_interval == 0 or last_step:
-                run_eval()
-            if step % cfg.ckpt_interval == 0 or last_step or stop_requested:
-                path = save_checkpoint(accelerator, model, cfg, progress, raw_model)
-                log(f"saved {path}")
-            if stop_requested:
-                log(f"stopped by {stop.received or 'a signal on another process'} after step {step}. "
-                    f"To continue, run the same command with --init_from=resume")
-                break
-    bar.close()
-    accelerator.end_training()
-    if cfg.plot and is_main:
-        plot_losses(log_path, out_dir / "loss.png")
-    return raw_model, progress
-
-
-def _format_time(seconds: float) -> str:
-    minutes, sec = divmod(int(seconds), 60)
-    return f"{minutes}m{sec:02d}s"
+    """Append one record; a full disk becomes a DiskFullError (a torn line is dropped on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        if atomic.is_disk_full(err, path.parent):
+            raise atomic.DiskFullError(f"disk full while appending to {path} ({err}); free some space and "
+                                       f"continue with --init_from=resume") from err
+        raise
 
 
 def plot_losses(log_path: Path, png_path: Path) -> None:
@@ -616,7 +693,7 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -629,10 +706,139 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic.atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
+
+
+def _format_time(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes}m{sec:02d}s"
+
+
+# -------------------------------------------------------------------------- fit
+
+
+def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None) -> tuple[GPT, dict]:
+    """Run training to cfg.max_steps (or a stop signal).
+
+    Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
+    loss, val_loss, loader position). Raises DivergenceError for a non-finite step.
+    """
+    is_main = accelerator.is_main_process
+    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
+    out_dir = Path(cfg.out_dir)
+    old_outputs = check_out_dir(cfg)
+
+    raw_model = build_model(cfg, resume, log)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
+    check_vocab(cfg.data_dir, train_paths + val_paths, raw_model.config.vocab_size)
+    train_loader = ShardLoader(train_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=True)
+    val_loader = ShardLoader(val_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=False)
+    if val_loader.steps_per_epoch < cfg.eval_steps:
+        raise ConfigError(
+            f"eval_steps={cfg.eval_steps} needs {cfg.eval_steps * val_loader.windows_per_micro_step} val "
+            f"windows but {cfg.data_dir} has {val_loader.num_windows}; lower eval_steps"
+        )
+    state = TrainState(train_loader=train_loader.state_dict(), num_processes=world)
+    if resume is not None:
+        state = dataclasses.replace(resume.state, num_processes=world)
+        train_loader.load_state_dict(state.train_loader)
+
+    # Only now, with the model and data known to be good, may an earlier run's outputs go.
+    if is_main:
+        clear_outputs(old_outputs)
+        if resume is not None:
+            checkpoints.remove_leftovers(out_dir)
+            truncate_log(out_dir / "log.jsonl", state.step, log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+    accelerator.wait_for_everyone()
+
+    if cfg.compile:
+        raw_model.compile()  # in place: no wrapper, so state_dict keys stay GPT-2's
+    optimizer = make_optimizer(raw_model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    _skip_model_weights_in_state(accelerator)
+    if resume is not None:
+        try:  # Accelerate unpickles with weights_only=True: a file that holds code is refused, never run
+            accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
+                                  f"({type(err).__name__}: {first_line})") from err
+        log(f"resumed from {resume.ckpt} at step {state.step}")
+    if cfg.log_with:
+        accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
+
+    flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
+    log(f"{raw_model.num_params() / 1e6:.2f}M parameters | {describe_processes(accelerator)} | "
+        f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
+        f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
+
+    log_path = out_dir / "log.jsonl"
+    evaluators = {"val_loss": lambda: evaluate(model, val_loader, accelerator, cfg.eval_steps)}
+
+    def record(values: dict, console: str) -> None:
+        """One record to log.jsonl, the console and the trackers."""
+        if is_main:
+            append_log(log_path, {"step": state.step, **values})
+            log(console)
+        accelerator.log({k: v for k, v in values.items() if v is not None}, step=state.step)
+
+    def run_evals() -> None:
+        figures = {name: run() for name, run in evaluators.items()}
+        state.val_loss = figures["val_loss"]
+        record(figures, f"step {state.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+
+    start_time = window_time = time.time()
+    window_steps = 0
+    with StopSignal() as stop, tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train",
+                                    dynamic_ncols=True) as bar:
+        if state.step == 0:
+            run_evals()
+        model.train()
+        while state.step < cfg.max_steps:
+            stats = train_step(model, optimizer, accelerator, train_loader, cfg, state.step, stop)
+            if not stats.applied:
+                raise diverged(cfg, state.step + 1, f"the loss is {stats.loss} and the gradient norm {stats.grad_norm} "
+                                                    f"(the update was not applied)")
+            state.step += 1
+            state.tokens_seen += cfg.tokens_per_step
+            state.train_loader = train_loader.state_dict()
+            state.loss = stats.loss
+            window_steps += 1
+            bar.update(1)
+            last_step = state.step == cfg.max_steps
+            if state.step % cfg.log_interval == 0 or last_step:
+                elapsed = time.time() - window_time
+                tokens_per_sec = window_steps * cfg.tokens_per_step / elapsed
+                mfu = (flops_per_step * window_steps / elapsed / (cfg.peak_flops * world)) if cfg.peak_flops else None
+                values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_sec": tokens_per_sec,
+                          "mfu": mfu, "tokens_seen": state.tokens_seen, "elapsed_sec": time.time() - start_time}
+                mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+                record(values, f"step {state.step}/{cfg.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
+                               f"grad_norm {stats.grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
+                               f"{_format_time(values['elapsed_sec'])}")
+                window_time, window_steps = time.time(), 0
+            if state.step % cfg.eval_interval == 0 or last_step:
+                run_evals()
+            if state.step % cfg.ckpt_interval == 0 or last_step or stats.stop_requested:
+                if not _all_ranks(accelerator, weights_are_finite(model)):
+                    raise diverged(cfg, state.step, "the weights are no longer all finite")
+                log(f"saved {save_checkpoint(accelerator, model, raw_model, cfg, state)}")
+            if stats.stop_requested:
+                log(f"stopped by {stop.received or 'a signal on another process'} after step {state.step}. "
+                    f"To continue, run the same command with --init_from=resume")
+                break
+    accelerator.end_training()
+    if cfg.plot and is_main:
+        plot_losses(log_path, out_dir / "loss.png")
+    return raw_model, state.state_dict()
+
+
+# ------------------------------------------------------------------- devices
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -655,6 +861,23 @@ def resolve_mixed_precision(cfg: TrainConfig, device: torch.device, log) -> None
         log(f"warning: mixed_precision=bf16 on a {device.type} without native bf16: expect it to be slower than fp32")
 
 
+def start_processes() -> PartialState:
+    """Join the processes a launcher started (or none). Raises ConfigError when the launcher
+    started several but Accelerate would run each alone: torchrun on a machine without GPUs
+    needs ACCELERATE_USE_CPU=1 for DDP over gloo."""
+    # ACCELERATE_USE_CPU (set by `accelerate launch --cpu`) must reach PartialState here, as it
+    # would reach the Accelerator.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise ConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate found no GPU to "
+            f"join them on, so each would train alone into the same out_dir; on a machine without GPUs set "
+            f"ACCELERATE_USE_CPU=1 for DDP over gloo (ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} train.py ...)"
+        )
+    return state
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -664,26 +887,40 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def main(argv: list[str] | None = None) -> tuple[GPT, dict]:
-    """Parse the config, build the Accelerator, train. Returns what `fit` returns."""
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    # PartialState starts the process group (if launched distributed) so the world size is
-    # known before the config is completed; the Accelerator below shares it. ACCELERATE_USE_CPU
-    # (set by `accelerate launch --cpu`) must reach it here, as it would reach the Accelerator.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    cfg = validate(cfg, state.num_processes)
-    resolve_mixed_precision(cfg, state.device, print if state.is_main_process else (lambda msg: None))
+def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
+    """Parse the config, start the processes, pick the checkpoint to resume, build the
+    Accelerator, train. Returns what `fit` returns (None after --help)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(config_help())
+        return None
+    cfg = load_config(argv)
+    state = start_processes()
+    log = print if state.is_main_process else (lambda msg: None)
+    resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
+    saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
+    try:
+        cfg = validate(cfg, state.num_processes, log, resume_tokens_per_step=saved_tokens_per_step)
+    except ConfigError as err:
+        if resume is None or resume.state.num_processes in (None, state.num_processes):
+            raise
+        raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
+                          f"{state.num_processes}: {err}") from None
+    resolve_mixed_precision(cfg, state.device, log)
     accelerator = make_accelerator(cfg)
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
+            f"uses {describe_processes(accelerator)}")
     set_seed(cfg.seed)  # same initial weights on every process
-    return fit(cfg, accelerator)
+    return fit(cfg, accelerator, resume)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, FileNotFoundError, ShardError) as err:  # bad input: say what, no traceback
+    except UserError as err:  # bad input: say what, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as err:  # diverged: the last good checkpoint is kept
+    except DivergenceError as err:  # the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

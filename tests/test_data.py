@@ -13,11 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import signal
+
 import numpy as np
 import pytest
 
 import prepare_data
 import shards
+from conftest import alive, assert_one_line_error, children, env, run_command, wait_until
 from prepare_data import DataError, main, prepare, split_for_encoding
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
 
@@ -480,7 +483,7 @@ def test_read_shard_rejects_damaged_files_naming_them(tmp_path):
         assert str(path) in cases[name]
     assert "magic" in cases["magic.bin"] and "version" in cases["version.bin"]
     assert "truncated" in cases["truncated.bin"] and "header" in cases["short.bin"]
-    with pytest.raises(FileNotFoundError, match="missing.bin"):
+    with pytest.raises(shards.ShardError, match="missing.bin"):
         shards.read_shard(tmp_path / "missing.bin")
 
 
@@ -493,5 +496,98 @@ def test_shard_writer_and_list_shards(tmp_path):
     assert [read_raw_shard(p).size for p in paths] == [10, 10, 5]
     assert np.array_equal(np.concatenate([shards.read_shard(p) for p in paths]), np.arange(25))
     assert shards.list_shards(tmp_path, "val") == paths
-    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+    with pytest.raises(shards.ShardError, match="prepare_data.py"):
         shards.list_shards(tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------ safety
+
+
+def test_overwrite_replaces_only_this_tools_files(tmp_path, enc, capsys):
+    inputs = write_inputs("txt", tmp_path / "c", DOCS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_000003.bin").write_bytes(b"an old shard of ours")
+    (out / "embeddings.bin").write_bytes(b"the user's")  # a .bin that is not a shard name: not ours
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_main(capsys, "--input", *inputs, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "train_000003.bin").exists()
+    assert (out / "embeddings.bin").read_bytes() == b"the user's" and (out / "notes.txt").read_text() == "mine"
+    check_round_trip(enc, out, DOCS)
+
+
+def test_overwrite_refuses_shard_named_files_it_did_not_write(tmp_path, capsys):
+    inputs = write_inputs("txt", tmp_path / "c", DOCS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "fineweb_train_000001.bin").write_bytes(b"someone else's shard")  # train.py would read it
+    (out / "meta.json").write_text("{}")
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_main(capsys, "--input", *inputs, "--out", out, "--overwrite")
+    assert code == 2 and "fineweb_train_000001.bin" in error_line(err) and "nothing was changed" in err
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "meta.json").read_text() == "{}"
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """~70 MB of JSONL (tinyshakespeare-sized documents): a couple of seconds of encoding, long
+    enough to interrupt a run in the middle."""
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    text = text.read_text() if text.is_file() else "To be, or not to be, that is the question.\n" * 25_000
+    path = tmp_path_factory.mktemp("big") / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"{i}\n{text}"}) + "\n")
+    return path
+
+
+def start_prepare(corpus: Path, out: Path) -> subprocess.Popen:
+    """prepare_data.py as a user runs it, stopped once its worker processes are encoding and its
+    first shard is written (SIGSTOP), so a signal can be sent at a known point mid-run."""
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", "--input", str(corpus), "--out", str(out),
+                             "--shard_tokens", "100000", "--num_workers", "2"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = wait_until(lambda: len(children(proc.pid)) >= 2 and (out / "train_000000.bin").exists(),
+                         timeout=60, interval=0.002)
+    proc.send_signal(signal.SIGSTOP)
+    assert started and not (out / "meta.json").exists(), "the run must be stopped mid-way"
+    return proc
+
+
+def test_sigterm_removes_the_partial_output_and_stops_the_workers(tmp_path, big_corpus):
+    out = tmp_path / "out"
+    proc = start_prepare(big_corpus, out)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=10)
+    assert out.is_dir() and not list(out.iterdir()), "no shard, temporary file or marker is left"
+
+
+def test_sigkill_leaves_a_marked_output_that_train_refuses(tmp_path, big_corpus):
+    out = tmp_path / "out"
+    proc = start_prepare(big_corpus, out)
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=10), "orphaned workers must exit"
+    assert (out / shards.INCOMPLETE_MARKER).exists() and list(out.glob("train_*.bin"))
+    trained = run_command("train.py", "configs/tiny.py", f"--data_dir={out}", f"--out_dir={tmp_path / 'run'}")
+    assert_one_line_error(trained, "unfinished prepare_data.py output", shards.INCOMPLETE_MARKER, "--overwrite")
+    # rerunning with --overwrite replaces the partial output
+    code = subprocess.run([sys.executable, "prepare_data.py", "--input", str(big_corpus), "--out", str(out),
+                           "--shard_tokens", "1000000", "--overwrite"], cwd=ROOT, env=env(), capture_output=True).returncode
+    assert code == 0 and (out / "meta.json").exists() and not (out / shards.INCOMPLETE_MARKER).exists()
+    assert len(shards.list_shards(out, "train")) == len(json.loads((out / "meta.json").read_text())["train"]["shards"])
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, enc, small_disk):
+    docs = [f"Document {i}: " + "a few words of text, " * 400 for i in range(40)]  # ~100K tokens
+    inputs = write_inputs("jsonl", tmp_path / "c", docs)
+    out = small_disk(120) / "out"  # room for about one 100 KB shard
+    proc = run_command("prepare_data.py", "--input", *inputs, "--out", out, "--shard_tokens", "50000")
+    assert_one_line_error(proc, "disk full", str(out))
+    assert out.is_dir() and not list(out.iterdir())

@@ -13,47 +13,16 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 
+import checkpoints
 import train
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards, write_shard
+from errors import DivergenceError
 from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.py")
-VOCAB = 256  # the synthetic corpus below uses 256 ids, which keeps lm_head (and the tests) small
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator, as a fresh `python train.py` would."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """A learnable corpus: a fixed random Markov chain over 256 ids, 4 successors per id.
-
-    Its entropy is ln 4 = 1.39 nats/token, against ln 256 = 5.55 for a model that knows nothing.
-    """
-    rng = np.random.default_rng(0)
-    successors = rng.integers(0, VOCAB, size=(VOCAB, 4))
-    choice = rng.integers(0, 4, size=60_000)
-    tokens = np.zeros(60_000, dtype=np.int64)
-    for i in range(1, len(tokens)):
-        tokens[i] = successors[tokens[i - 1], choice[i]]
-    directory = tmp_path_factory.mktemp("markov")
-    write_shard(directory / "train_000000.bin", tokens[:40_000])
-    write_shard(directory / "train_000001.bin", tokens[40_000:50_000])
-    write_shard(directory / "val_000000.bin", tokens[50_000:])
-    return directory
-
-
-def tiny_args(data_dir, out_dir, *extra):
-    return [TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--vocab_size={VOCAB}", *extra]
+from conftest import ROOT, TINY, VOCAB, env as _env, tiny_args
 
 
 def read_log(out_dir):
@@ -188,7 +157,7 @@ def test_loss_falls_on_tiny_config(data_dir, tmp_path):
     effective = json.loads((tmp_path / "run" / "config.json").read_text())
     assert effective["max_steps"] == 120 and effective["tokens_per_step"] == 512
     # the final checkpoint is a GPT-2 directory holding the trained weights
-    ckpt = train.find_checkpoint(tmp_path / "run")
+    ckpt = checkpoints.latest(tmp_path / "run")
     assert ckpt.name == "step_0000120"
     reloaded = GPT.from_pretrained(ckpt)
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
@@ -258,18 +227,12 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
     with torch.no_grad():
         model.transformer.ln_f.weight[0] = float("nan")
     model.save_pretrained(tmp_path / "broken")
-    with pytest.raises(FloatingPointError, match="loss is nan at step 1; stopping. No checkpoint"):
+    with pytest.raises(DivergenceError, match="loss is nan.* at step 1; stopping without saving. No checkpoint"):
         train.main(tiny_args(data_dir, tmp_path / "run", f"--init_from={tmp_path / 'broken'}"))
     assert not (tmp_path / "run" / "ckpt").exists()
 
 
 # ------------------------------------------------------- real processes
-
-
-def _env():
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
 
 
 def test_two_processes_match_one(data_dir, tmp_path):
@@ -310,7 +273,7 @@ def test_sigterm_saves_a_loadable_checkpoint(data_dir, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert "stopped by SIGTERM" in output and "--init_from=resume" in output
-    ckpt = train.find_checkpoint(out)
+    ckpt = checkpoints.latest(out)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] >= 1 and ckpt.name == f"step_{meta['step']:07d}"
     GPT.from_pretrained(ckpt)  # loads: complete, not half-written

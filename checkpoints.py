@@ -1,0 +1,228 @@
+"""The checkpoint layout, stated once, and everything that finds, checks, publishes and prunes
+checkpoints. train.py writes through it; sample.py, eval.py and the tests read through it.
+
+    out_dir/ckpt/step_0000500/
+        config.json          \\ a Hugging Face GPT-2 directory: sample.py, init_from and
+        model.safetensors    /  transformers load it as it is (weights of the unwrapped model)
+        state/               optimizer, RNG and scaler state, written by Accelerate's save_state
+        train_config.json    the effective TrainConfig of the run
+        meta.json            written last: the training state (step, tokens seen, loader position,
+                             losses, processes) and `files`, the size of every other file
+
+A checkpoint is built in `ckpt/.tmp_step_0000500/` and renamed into place once every file is
+fsynced (atomic.publish_dir), so a directory named `step_*` with a meta.json is complete. A
+checkpoint being pruned is renamed to `.deleting_step_*` first. Leftover `.tmp_*` and
+`.deleting_*` directories (from a kill) are never read and are removed at the next start.
+
+`verify` checks a checkpoint against its `files` list (a truncated or missing file), and the
+zip CRCs of the torch.save files in state/ (a corrupt one) without unpickling anything;
+`load_latest` walks the checkpoints newest first and falls back past damaged ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import atomic
+from errors import CheckpointError
+
+CKPT_SUBDIR = "ckpt"
+STATE_SUBDIR = "state"
+META_FILE = "meta.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+HF_CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TMP_PREFIX = ".tmp_"
+DAMAGED_PREFIX = "damaged_"  # a checkpoint resume skipped, moved aside (never deleted) for a look
+_STEP_DIR = re.compile(r"step_(\d{7})")
+
+T = TypeVar("T")
+
+
+def ckpt_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CKPT_SUBDIR
+
+
+def step_dir(out_dir: str | Path, step: int) -> Path:
+    return ckpt_root(out_dir) / f"step_{step:07d}"
+
+
+def tmp_dir(out_dir: str | Path, step: int) -> Path:
+    return ckpt_root(out_dir) / f"{TMP_PREFIX}step_{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(path.name).group(1))
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Published checkpoints in out_dir/ckpt (named step_XXXXXXX, with a meta.json), oldest first."""
+    root = ckpt_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / META_FILE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def leftovers(out_dir: str | Path) -> list[Path]:
+    """Temporary and half-deleted directories of an interrupted save or prune."""
+    root = ckpt_root(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith((TMP_PREFIX, atomic.DELETING_PREFIX)))
+
+
+def remove_leftovers(out_dir: str | Path) -> list[Path]:
+    """Remove what `leftovers` lists; returns it."""
+    found = leftovers(out_dir)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
+
+
+def is_weights_dir(path: Path) -> bool:
+    """A Hugging Face GPT-2 directory: config.json and a weight file."""
+    return (path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def candidates(path: str | Path) -> list[Path]:
+    """Weight directories `path` stands for, the one to try first first.
+
+    A GPT-2 directory or a single checkpoint stands for itself; a run's out_dir for its
+    checkpoints, newest first. Raises CheckpointError naming the path when it holds none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint or run directory: {path}")
+    if path.is_dir() and is_weights_dir(path):
+        return [path]
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(
+            f"{path} holds no checkpoint: expected config.json + model.safetensors, or "
+            f"{CKPT_SUBDIR}/step_XXXXXXX/ with a {META_FILE}"
+        )
+    return found[::-1]
+
+
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json. Raises CheckpointError if it is missing, not JSON, or has no step."""
+    path = ckpt / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{path} has no integer 'step'")
+    if _STEP_DIR.fullmatch(ckpt.name) and meta["step"] != step_of(ckpt):
+        raise CheckpointError(f"{path} says step {meta['step']} but the directory is {ckpt.name}")
+    return meta
+
+
+def verify(ckpt: Path, need_state: bool) -> dict:
+    """Check a checkpoint without unpickling anything; returns its meta.json.
+
+    Every file listed in meta.json's `files` must exist with its recorded size, and every
+    torch.save file (a zip archive) must pass its CRC check. With need_state (a resume) the
+    state/ directory must exist. Raises CheckpointError saying what is wrong.
+    """
+    meta = read_meta(ckpt)
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{ckpt / META_FILE}: 'files' is not a mapping")
+    for name, size in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or changed)")
+    if need_state:
+        state = ckpt / STATE_SUBDIR
+        if not state.is_dir():
+            raise CheckpointError(f"{state} is missing (optimizer and RNG state)")
+        for path in sorted(state.rglob("*")):
+            if path.is_file() and zipfile.is_zipfile(path):
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        bad = archive.testzip()
+                except (zipfile.BadZipFile, OSError) as err:
+                    raise CheckpointError(f"{path} is corrupt ({err})") from None
+                if bad is not None:
+                    raise CheckpointError(f"{path} is corrupt (bad CRC in {bad})")
+    return meta
+
+
+def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, warn: Callable[[str], None]) -> tuple[Path, dict, T]:
+    """Verify and load the newest loadable checkpoint that `path` stands for (see `candidates`).
+
+    load(directory) does the loading and raises CheckpointError for a damaged one. A damaged
+    checkpoint is reported through warn(message), naming it and what is wrong, and the next
+    older one is tried. Returns (directory, meta, what load returned); meta is {} for a GPT-2
+    directory without one. Raises CheckpointError listing every failure when none loads.
+    """
+    failures = []
+    for ckpt in candidates(path):
+        try:
+            meta = verify(ckpt, need_state) if (ckpt / META_FILE).is_file() or need_state else {}
+            loaded = load(ckpt)
+        except CheckpointError as err:
+            failures.append(f"{ckpt.name}: {err}")
+            warn(f"warning: skipping damaged checkpoint {ckpt}: {err}")
+            continue
+        return ckpt, meta, loaded
+    raise CheckpointError(f"no loadable checkpoint in {path}: " + "; ".join(failures))
+
+
+def move_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to damaged_step_XXXXXXX (a free name): out of every listing,
+    kept for inspection. Returns the new path."""
+    target = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}.{n}")
+    ckpt.rename(target)
+    atomic.fsync_dir(ckpt.parent)
+    return target
+
+
+def finish(tmp: Path, final: Path, meta: dict) -> None:
+    """Publish a checkpoint built in `tmp`: record every file's size in meta.json (written last)
+    and rename the directory into place (replacing an older copy of the same step)."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+    atomic.publish_dir(tmp, final)
+
+
+def prune(out_dir: str | Path, newest: Path, keep: int) -> list[Path]:
+    """Remove checkpoints older than `newest` beyond the newest `keep` (counting `newest`).
+    Never touches `newest` or anything newer. Returns what was removed."""
+    older = [p for p in list_checkpoints(out_dir) if step_of(p) < step_of(newest)]
+    doomed = older[: max(len(older) - (keep - 1), 0)]
+    for path in doomed:
+        atomic.remove_dir(path)
+    return doomed
+
+
+def latest(path: str | Path) -> Path:
+    """The directory `path` stands for that would be tried first (see `candidates`)."""
+    return candidates(path)[0]
+
+
+def load_model(directory: Path, **overrides):
+    """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
+    from model import GPT
+
+    try:
+        return GPT.from_pretrained(directory, **overrides)
+    except KeyError as err:  # a missing or unexpected weight; str(KeyError) would add quotes
+        raise CheckpointError(f"cannot load {directory}: {err.args[0]}") from err
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load {directory}: {err}") from err

@@ -1,0 +1,135 @@
+"""Fixtures shared by the test files: a learnable token corpus, a small real file system for
+full-disk tests, and helpers for running the commands as a user would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+VOCAB = 256  # the synthetic corpus uses 256 ids, which keeps lm_head (and the tests) small
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a fresh `python train.py` would."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A learnable corpus: a fixed random Markov chain over 256 ids, 4 successors per id.
+
+    Its entropy is ln 4 = 1.39 nats/token, against ln 256 = 5.55 for a model that knows nothing.
+    """
+    rng = np.random.default_rng(0)
+    successors = rng.integers(0, VOCAB, size=(VOCAB, 4))
+    choice = rng.integers(0, 4, size=60_000)
+    tokens = np.zeros(60_000, dtype=np.int64)
+    for i in range(1, len(tokens)):
+        tokens[i] = successors[tokens[i - 1], choice[i]]
+    directory = tmp_path_factory.mktemp("markov")
+    write_shard(directory / "train_000000.bin", tokens[:40_000])
+    write_shard(directory / "train_000001.bin", tokens[40_000:50_000])
+    write_shard(directory / "val_000000.bin", tokens[50_000:])
+    return directory
+
+
+def tiny_args(data_dir, out_dir, *extra) -> list[str]:
+    """configs/tiny.py on the Markov corpus, as command-line arguments of train.py."""
+    return [TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--vocab_size={VOCAB}", *extra]
+
+
+def env() -> dict:
+    """The environment of a command run as a subprocess: CPU, one thread, the project importable."""
+    result = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result["PYTHONPATH"] = os.pathsep.join([str(ROOT), result.get("PYTHONPATH", "")])
+    return result
+
+
+def run_command(*argv, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python <argv>` in the project root, as a user would run it."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env={**env(), **(env_extra or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit status 2, stderr ending in exactly one `error: ...` line naming `expected`, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running (not zombie) process."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(condition, timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+@pytest.fixture
+def small_disk():
+    """A function (size_kb) -> directory on a real file system of that size (a tmpfs), where
+    writes fail with ENOSPC exactly as on a full disk; unmounted afterwards. Mounting needs
+    root (CI and the development machine run as root); elsewhere the test is skipped."""
+    mounts = []
+
+    def make(size_kb: int) -> Path:
+        directory = Path(tempfile.mkdtemp(prefix="small_disk_"))
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            directory.rmdir()
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+        mounts.append(directory)
+        return directory
+
+    yield make
+    for directory in mounts:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
