@@ -729,6 +729,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     out_dir = Path(cfg.out_dir)
     old_outputs = check_out_dir(cfg)
+    accelerator.wait_for_everyone()  # every process has looked before the main process writes there
 
     raw_model = build_model(cfg, resume, log)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -68,6 +68,12 @@ def run_command(*argv, env_extra: dict | None = None, timeout: int = 300) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """What to show when a command failed: its error lines (from every rank), then its last output."""
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line.lower()]
+    return "\n".join(errors[:20]) + "\n--- stderr tail ---\n" + proc.stderr[-2000:]
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
     """Exit status 2, stderr ending in exactly one `error: ...` line naming `expected`, no traceback."""
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"

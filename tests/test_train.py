@@ -22,7 +22,7 @@ from shards import ShardLoader, list_shards, write_shard
 from errors import DivergenceError
 from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
 
-from conftest import ROOT, TINY, VOCAB, env as _env, tiny_args
+from conftest import ROOT, TINY, VOCAB, env as _env, failure, tiny_args
 
 
 def read_log(out_dir):
@@ -247,7 +247,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
          *tiny_args(data_dir, tmp_path / "ddp", *common, "--grad_accum_steps=1")],
         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     train.main(tiny_args(data_dir, tmp_path / "single", *common, "--grad_accum_steps=2"))
 
     np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single"), rtol=1e-5)
