@@ -1,7 +1,9 @@
 """Benchmarks, one function per section; they print the figures quoted in the README.
 
     python bench.py data     # prepare_data.py throughput against single-threaded tiktoken, and its peak memory
-    python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel
+    python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel; peak memory
+    python bench.py head     # the loss head alone: full vs chunked, over chunk sizes
+    python bench.py sample   # batch-1 decode tokens/s, ours vs transformers' generate
     python bench.py          # every section
 """
 
@@ -251,78 +253,242 @@ def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _train_steps(model, x, y, precision: str, steps: int) -> float:
-    """Seconds per optimizer step (median of `steps`) of forward + backward + fused AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    times = []
-    for i in range(steps + 2):  # 2 warm-up steps (and compilation) are not timed
-        start = time.perf_counter()
-        with autocast:
-            logits = model(x)
-            logits = logits[0] if isinstance(logits, tuple) else logits.logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measure_bandwidth(gigabytes: float = 1.0, reps: int = 5) -> float:
+    """Bytes/s of reading one large fp32 tensor (a sum: no matmul, bound by memory), the best of reps."""
+    t = torch.ones(int(gigabytes * 2**30) // 4)
+    t.sum()
+    best = min(_seconds(t.sum) for _ in range(reps))
+    return t.numel() * 4 / best
 
 
-def bench_train(steps: int = 5) -> None:
-    """Training tokens/s and MFU: this project's GPT vs transformers' GPT2LMHeadModel, same shape."""
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)  # configs/small.py's shape (checked below)
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+
+
+def _small_shape() -> dict:
+    from train import load_config
+
+    cfg = load_config([str(ROOT / "configs" / "small.py")])
+    shape = {k: getattr(cfg, k) for k in SMALL}
+    assert shape == SMALL, f"configs/small.py changed shape: {shape}"
+    return shape
+
+
+def hf_twin(model):
+    """transformers' GPT2LMHeadModel with the same shape and weights as one of ours."""
     import transformers
+
+    c = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size, vocab_size=c.vocab_size,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    missing, unexpected = hf.load_state_dict(model.hf_state_dict(), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    return hf
+
+
+class _Trainer:
+    """One model's training step (forward + backward + fused AdamW), timed step by step."""
+
+    def __init__(self, model, x, y, precision: str, ours: bool):
+        self.model, self.x, self.y, self.ours = model.train(), x, y, ours
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        with self.autocast:
+            if self.ours:  # through the model's configured loss head
+                _, loss = self.model(self.x, self.y)
+            else:  # GPT2LMHeadModel: logits, then the same fp32 cross-entropy as our "full" head
+                logits = self.model(self.x).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.y.flatten())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def _memory_of_one_step(kind: str) -> dict:
+    """In a fresh process: peak RSS (MB) of one forward + backward of GPT-2 124M on 4 x 1,024
+    tokens, fp32, with our chunked head ("ours") or GPT2LMHeadModel ("hf"); and the RSS before it."""
+    import resource
+
+    from model import GPT, GPTConfig
+
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "hf":  # built directly, so that both processes start from the same footing
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        model = GPT(GPTConfig(**GPT2_124M))
+    x, y = torch.randint(0, 50257, (4, 1024)), torch.randint(0, 50257, (4, 1024))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if kind == "hf":
+        logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    else:
+        _, loss = model(x, y)
+    loss.backward()
+    return {"before_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_train(steps: int = 7, compile: bool = True) -> None:
+    """Training tokens/s and MFU at configs/small.py's shape: our GPT with the chunked and the full
+    loss head against transformers' GPT2LMHeadModel, eager and compiled, fp32 (and bf16 where the
+    CPU runs it natively); then peak memory at GPT-2 124M."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
     from model import GPT, GPTConfig
     from train import load_config, native_bf16
 
+    shape = _small_shape()
     cfg = load_config([str(ROOT / "configs" / "small.py")])
-    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     B, T = cfg.micro_batch_size, cfg.block_size
     torch.manual_seed(0)
-    x = torch.randint(0, 50257, (B, T))
-    y = torch.randint(0, 50257, (B, T))
+    x, y = torch.randint(0, 50257, (B, T)), torch.randint(0, 50257, (B, T))
     bf16 = native_bf16(torch.device("cpu"))
-
     print(f"training benchmark: configs/small.py shape {shape}, micro-batch {B} x {T} tokens, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    peak32 = measure_matmul_peak(torch.float32)
-    peak16 = measure_matmul_peak(torch.bfloat16, n=2048 if bf16 else 256, seconds=1.0)
-    print(f"matmul peak measured now: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s "
-          f"({'native' if bf16 else 'emulated: no AMX / AVX512-BF16 on this CPU'})")
+          f"{torch.get_num_threads()} threads on {cpu_name()}, torch {torch.__version__}")
+    peaks = {"fp32": measure_matmul_peak(torch.float32)}
+    peaks["bf16"] = measure_matmul_peak(torch.bfloat16, n=2048 if bf16 else 256, seconds=2.0 if bf16 else 1.0)
+    print(f"matmul peak measured now (2048 x 2048): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{peaks['bf16'] / 1e9:.1f} GFLOP/s ({'native' if bf16 else 'emulated: no AMX / AVX512-BF16 on this CPU'})")
+    flops_per_token = GPT(GPTConfig(**shape)).flops_per_token(T)
 
-    def ours():
-        return GPT(GPTConfig(**shape, vocab_size=50257))
+    print(f"\n| setting | ours chunked tok/s (MFU) | ours full tok/s (MFU) | GPT2LMHeadModel tok/s (MFU) | chunked / HF |")
+    print("|---|---|---|---|---|")
+    for precision in ("fp32", "bf16"):
+        for compiled in (False, True) if compile else (False,):
+            label = precision + (" + compile" if compiled else " eager")
+            if precision == "bf16" and not bf16:
+                print(f"| {label} | skipped: bf16 is emulated here (~{peaks['fp32'] / peaks['bf16']:.0f}x slower matmuls) | | | |")
+                continue
+            trainers = {}
+            for name, impl in (("chunked", "chunked"), ("full", "full"), ("hf", None)):
+                torch.manual_seed(0)
+                model = GPT(GPTConfig(**shape, loss_impl=impl or "full"))
+                if impl is None:
+                    model = hf_twin(model)
+                if compiled:
+                    model.compile()
+                trainers[name] = _Trainer(model, x, y, precision, ours=impl is not None)
+            for trainer in trainers.values():  # warm-up (and compilation) steps are not timed
+                trainer.step(), trainer.step()
+            for _ in range(steps):  # in turn, so that all see the same background load
+                for trainer in trainers.values():
+                    trainer.times.append(trainer.step())
+            rate = {k: B * T / statistics.median(t.times) for k, t in trainers.items()}
+            cells = [f"{rate[k]:,.0f} ({100 * flops_per_token * rate[k] / peaks[precision]:.0f}%)" for k in trainers]
+            print(f"| {label} | {' | '.join(cells)} | {rate['chunked'] / rate['hf']:.2f}x |", flush=True)
 
-    def theirs():
-        hf = transformers.GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                     n_positions=cfg.block_size, vocab_size=50257,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        return transformers.GPT2LMHeadModel(hf).train()
-
-    rows = [("fp32 eager", "fp32", False), ("fp32 + compile", "fp32", True),
-            ("bf16", "bf16", False), ("bf16 + compile", "bf16", True)]
-    flops_per_token = ours().flops_per_token(T)
-    print("\n| setting | ours tok/s | ours MFU | HF GPT2LMHeadModel tok/s | HF MFU | ours / HF |")
-    print("|---|---|---|---|---|---|")
-    for label, precision, compiled in rows:
-        if precision == "bf16" and not bf16:
-            print(f"| {label} | skipped: bf16 is emulated here (~{peak32 / peak16:.0f}x slower matmuls than fp32) | | | | |")
-            continue
-        peak = peak16 if precision == "bf16" else peak32
-        results = {}
-        for name, make in (("ours", ours), ("hf", theirs)):
-            model = make()
-            if compiled:
-                model.compile()
-            results[name] = (B * T) / _train_steps(model, x, y, precision, steps)
-        ratio = results["ours"] / results["hf"]
-        print(f"| {label} | {results['ours']:,.0f} | {100 * flops_per_token * results['ours'] / peak:.1f}% | "
-              f"{results['hf']:,.0f} | {100 * flops_per_token * results['hf'] / peak:.1f}% | {ratio:.2f}x |",
-              flush=True)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        memory = {kind: pool.submit(_memory_of_one_step, kind).result() for kind in ("ours", "hf")}
+    print(f"\npeak RSS of one forward + backward, GPT-2 124M, fp32, micro-batch 4 x 1,024 (a fresh process each; "
+          f"model built before):")
+    for kind, label in (("ours", "ours, chunked head"), ("hf", "GPT2LMHeadModel + cross_entropy")):
+        m = memory[kind]
+        print(f"  {label:<32} {m['peak_mb']:7,.0f} MB peak ({m['peak_mb'] - m['before_mb']:6,.0f} MB above the model)")
+    print(f"  ours / GPT2LMHeadModel: {memory['ours']['peak_mb'] / memory['hf']['peak_mb']:.0%} of the peak, "
+          f"{(memory['ours']['peak_mb'] - memory['ours']['before_mb']) / (memory['hf']['peak_mb'] - memory['hf']['before_mb']):.0%} "
+          f"of the growth")
 
 
-SECTIONS = {"data": bench_data, "train": bench_train}
+def bench_head(reps: int = 5) -> None:
+    """The loss head alone (forward + backward of lm_head + cross-entropy) at small.py's and GPT-2
+    124M's shapes: the full path against both chunked implementations over chunk sizes. The
+    fastest chunk sizes here are the rule in model.cpu_chunk_rows."""
+    import torch.nn.functional as F
+
+    from model import linear_cross_entropy
+
+    print(f"loss head, forward + backward, ms (median of {reps}), {torch.get_num_threads()} threads on {cpu_name()}")
+    impls = ["own"] + (["torch"] if hasattr(F, "linear_cross_entropy") else [])
+    for rows, C in ((1024, 128), (4096, 768)):
+        torch.manual_seed(0)
+        h = torch.randn(rows, C, requires_grad=True)
+        w = (torch.randn(50257, C) * 0.02).requires_grad_()
+        y = torch.randint(0, 50257, (rows,))
+        for dtype in (torch.float32, torch.bfloat16):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+            def full():
+                with autocast:
+                    loss = F.cross_entropy(F.linear(h, w).float(), y)
+                loss.backward()
+
+            def chunked(impl, chunk_rows):
+                with autocast:
+                    loss = linear_cross_entropy(h, w, y, impl=impl, chunk_rows=chunk_rows)
+                loss.backward()
+
+            cells = {"full": full}
+            for impl in impls:
+                for chunk_rows in (128, 256, 512, 1024):
+                    cells[f"{impl} {chunk_rows}"] = lambda impl=impl, c=chunk_rows: chunked(impl, c)
+            times = {}
+            for name, fn in cells.items():
+                fn()
+                times[name] = statistics.median(_seconds(fn) for _ in range(reps))
+            line = "  ".join(f"{name} {1000 * t:.0f}" for name, t in times.items())
+            best = min((t, n) for n, t in times.items() if n != "full")
+            print(f"  {rows} x {C}, {str(dtype)[6:]:>8}: {line}  | best chunked {best[1]} = "
+                  f"{times['full'] / best[0]:.2f}x the full path")
+
+
+def bench_sample(new_tokens: int = 128) -> None:
+    """Batch-1 greedy decode tokens/s: our KV-cache generate against transformers' generate with
+    the same weights, at small.py's shape and GPT-2 124M, fp32; and the limit memory bandwidth
+    puts on 124M (each new token reads every matmul weight once)."""
+    from model import GPT, GPTConfig
+
+    print(f"decode benchmark: batch 1, 16-token prompt, up to {new_tokens} new tokens, greedy, fp32, "
+          f"{torch.get_num_threads()} threads on {cpu_name()}")
+    bandwidth = measure_bandwidth()
+    print(f"memory bandwidth measured now (sum of a 1 GiB fp32 tensor): {bandwidth / 1e9:.1f} GB/s")
+    print("\n| shape | ours tokens/s | transformers tokens/s | ours / theirs | same tokens |")
+    print("|---|---|---|---|---|")
+    for name, shape in (("small.py", _small_shape()), ("GPT-2 124M", GPT2_124M)):
+        torch.manual_seed(0)
+        ours = GPT(GPTConfig(**shape)).eval()
+        with torch.no_grad():  # spread-out weights: confident predictions, so greedy has no near-ties
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        hf = hf_twin(ours).eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
+        n = min(new_tokens, shape["block_size"] - prompt.size(1))  # transformers stops at the context length
+        runs = {"ours": lambda: ours.generate(prompt, n, temperature=0.0),
+                "hf": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)}
+        outputs, rates = {}, {}
+        for key, run in runs.items():
+            run()  # warm-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                outputs[key] = run()
+                times.append(time.perf_counter() - start)
+            rates[key] = n / statistics.median(times)
+        same = "yes" if torch.equal(outputs["ours"], outputs["hf"]) else "no"
+        print(f"| {name}, {n} new tokens | {rates['ours']:,.1f} | {rates['hf']:,.1f} | {rates['ours'] / rates['hf']:.2f}x | {same} |")
+        if name == "GPT-2 124M":
+            weight_bytes = 4 * (ours.num_params() - ours.transformer.wpe.weight.numel())
+            limit = bandwidth / weight_bytes
+            print(f"\n124M reads {weight_bytes / 1e6:.0f} MB of weights per token: at {bandwidth / 1e9:.1f} GB/s that is "
+                  f"at most {limit:.1f} tokens/s; ours reaches {rates['ours'] / limit:.0%} of that limit")
+
+
+SECTIONS = {"data": bench_data, "train": bench_train, "head": bench_head, "sample": bench_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,8 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--doc_kb", type=float, default=5.0, help="document size in KB (default: 5)")
     data.add_argument("--num_workers", type=int, default=None, help="encoding processes (default: every core)")
     data.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement, taken in turn (default: 5)")
-    train = sections.add_parser("train", help="training tokens/s and MFU: this GPT vs transformers' GPT2LMHeadModel")
-    train.add_argument("--steps", type=int, default=5, help="timed optimizer steps per measurement (default: 5)")
+    train = sections.add_parser("train", help="training tokens/s and MFU: our GPT (chunked and full head) vs "
+                                              "GPT2LMHeadModel; peak memory at 124M")
+    train.add_argument("--steps", type=int, default=7, help="timed optimizer steps per model and setting (default: 7)")
+    train.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    head = sections.add_parser("head", help="the loss head alone: full vs chunked over chunk sizes")
+    head.add_argument("--reps", type=int, default=5, help="timed runs per cell (default: 5)")
+    sample = sections.add_parser("sample", help="batch-1 greedy decode tokens/s, ours vs transformers' generate")
+    sample.add_argument("--new_tokens", type=int, default=128, help="tokens generated per run (default: 128)")
     args = parser.parse_args(argv)
     if args.section is None:
         for run in SECTIONS.values():

@@ -2,7 +2,8 @@
 
 Everything the network is lives here: the config, causal self-attention (written out by hand,
 or through `scaled_dot_product_attention`), the MLP, the residual block, the full model with
-explicit initialisation, tied input/output embeddings, optional activation checkpointing,
+explicit initialisation, tied input/output embeddings, optional activation checkpointing, the
+loss head (chunked linear + cross-entropy, so training never holds the (B, T, vocab) logits),
 KV-cache generation, and import/export of GPT-2 weights in the Hugging Face layout.
 
 References:
@@ -27,6 +28,8 @@ from torch.utils.checkpoint import checkpoint
 import atomic
 
 ATTENTION_IMPLS = ("sdpa", "manual")
+LOSS_IMPLS = ("chunked", "full")
+IGNORE_INDEX = -100  # a target that is not scored (F.cross_entropy's default)
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 # The four published GPT-2 sizes [1]; all share block_size=1024 and vocab_size=50257.
@@ -52,6 +55,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head.weight is transformer.wte.weight
     gradient_checkpointing: bool = False  # recompute each Block in backward to save memory
     attention: str = "sdpa"  # "sdpa" (fused kernels) or "manual" (written out, for reading)
+    loss_impl: str = "chunked"  # "chunked" (never builds the logits) or "full" (logits, then cross-entropy)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -68,6 +72,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}"
             )
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"GPTConfig.loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -286,22 +292,38 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position, and the mean cross-entropy when targets are given.
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        return_logits: bool | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits, or the cross-entropy loss, or both.
 
         idx: (B, T) int64 token ids, T <= block_size.
-        targets: (B, T) int64 next-token ids; -100 marks a position to ignore.
-        Returns logits (B, T, vocab_size) and a scalar loss (or None).
-        Raises ValueError if T > block_size.
+        targets: (B, T) int64 next-token ids; -100 marks a position that is not scored.
+        reduction: "mean" (over scored positions), "sum", or "none": per-token losses (B, T), 0
+            where the target is -100.
+        return_logits: with targets, also return the logits (B, T, V); this takes the "full" path.
+        Returns (logits (B, T, V), None) without targets. With targets: (None, loss) through the
+        configured loss head (config.loss_impl), or (logits, loss) with return_logits. The loss
+        is computed in fp32, also under bf16/fp16 autocast.
+        Raises ValueError if T > block_size or for an unknown reduction.
         """
-        logits = self.lm_head(self._hidden(idx))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
-            )
-        return logits, loss
+        h = self._hidden(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h), None
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        B, T, C = h.shape
+        if return_logits or self.config.loss_impl == "full":
+            logits = self.lm_head(h)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T),
+                                   ignore_index=IGNORE_INDEX, reduction=reduction)
+            return (logits if return_logits else None), (loss.view(B, T) if reduction == "none" else loss)
+        loss = linear_cross_entropy(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T), reduction)
+        return None, (loss.view(B, T) if reduction == "none" else loss)
 
     # --------------------------------------------------------------- generation
 
@@ -384,11 +406,11 @@ class GPT(nn.Module):
         path: a local directory with config.json and model.safetensors (or pytorch_model.bin,
             read with weights_only=True, never unpickling code), or a hub name such as "gpt2",
             downloaded when a network is reachable.
-        overrides: dropout, gradient_checkpointing or attention; the shape comes from config.json.
+        overrides: dropout, gradient_checkpointing, attention or loss_impl; the shape comes from config.json.
         Raises FileNotFoundError, ValueError naming an unsupported config field, or KeyError /
         ValueError naming a missing, unexpected or wrongly shaped weight.
         """
-        allowed = {"dropout", "gradient_checkpointing", "attention"}
+        allowed = {"dropout", "gradient_checkpointing", "attention", "loss_impl"}
         if set(overrides) - allowed:
             raise ValueError(
                 f"from_pretrained can only override {sorted(allowed)}, got {sorted(set(overrides) - allowed)}"
@@ -461,6 +483,130 @@ class GPT(nn.Module):
         with atomic.atomic_path(directory / "model.safetensors") as tmp:
             save_file(self.hf_state_dict(state_dict), str(tmp), metadata={"format": "pt"})
         atomic.write_json(directory / "config.json", config_to_hf(self.config))
+
+
+# ------------------------------------------------------------------ loss head
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(h @ weight.T, targets), computed `chunk_size` rows at a time, so only a
+    (chunk_size, V) slice of the logits exists at once instead of (N, V): for GPT-2 124M and a
+    micro-batch of 32 x 1,024 tokens, 0.2 GB per 1,024-row chunk instead of 6.6 GB in fp32.
+
+    Each chunk: logits = h_c @ weight.T in the input dtype (bf16 matmuls stay bf16), then
+    log-softmax in fp32. For the "mean" and "sum" reductions the upstream gradient is one scalar,
+    so forward also computes the gradients (dL/dlogits = softmax - onehot, times h_c or weight)
+    while the chunk's logits are at hand, and backward only scales them: three matmuls per chunk
+    instead of four. For "none", backward recomputes each chunk's logits.
+
+    The plain-PyTorch reference for torch.nn.functional.linear_cross_entropy (torch >= 2.13),
+    which `linear_cross_entropy` below uses where it is measured faster.
+    Inputs: h (N, C), weight (V, C), targets (N,) int64 with -100 = not scored.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, reduction: str, grad_enabled: bool):
+        # grad_enabled: whether the caller records gradients (forward itself always runs in
+        # no_grad mode, and needs_input_grad is set under torch.no_grad() too).
+        N = h.shape[0]
+        scored = targets != IGNORE_INDEX  # (N,)
+        safe_targets = targets.clamp(min=0)  # (N,), valid indices for gather
+        losses = torch.empty(N, dtype=torch.float32, device=h.device)
+        precompute = grad_enabled and reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        if precompute:
+            grad_h = torch.empty_like(h)  # (N, C)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (h[rows] @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # (n,)
+            losses[rows] = torch.where(scored[rows], lse - picked, 0.0)
+            if precompute:
+                d_logits = _softmax_minus_onehot_(logits, lse, safe_targets[rows], scored[rows]).to(h.dtype)
+                grad_h[rows] = d_logits @ weight  # (n, C)
+                grad_w += (d_logits.T @ h[rows]).float()  # (V, C)
+        n_scored = scored.sum()
+        ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
+        if precompute:
+            ctx.save_for_backward(grad_h, grad_w, n_scored)
+        elif grad_enabled:
+            ctx.save_for_backward(h, weight, targets)
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / n_scored.clamp(min=1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction != "none":  # the gradients were computed in forward, per unit of loss
+            grad_h, grad_w, n_scored = ctx.saved_tensors
+            scale = grad_out / n_scored.clamp(min=1) if ctx.reduction == "mean" else grad_out
+            return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
+        h, weight, targets = ctx.saved_tensors
+        scored = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, h.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = (h[rows] @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            d_logits = _softmax_minus_onehot_(logits, lse, safe_targets[rows], scored[rows])
+            d_logits = (d_logits * grad_out[rows, None].float()).to(h.dtype)
+            grad_h[rows] = d_logits @ weight
+            grad_w += (d_logits.T @ h[rows]).float()
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+def _softmax_minus_onehot_(logits, lse, targets, scored):
+    """dloss/dlogits of each row's cross-entropy, in place of `logits` (n, V): softmax - onehot,
+    zero for rows that are not scored."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(len(targets), device=logits.device), targets] -= 1.0
+    return probs.mul_(scored[:, None])
+
+
+def cpu_chunk_rows(n_embd: int, dtype: torch.dtype) -> int:
+    """Rows per chunk on the CPU: n_embd rounded up to a power of two (twice that in fp32),
+    within [128, 1024]. Measured with `python bench.py head` at configs/small.py's width (128)
+    and GPT-2 124M's (768): narrow models want a chunk's logits to stay in the L3 cache, wide
+    ones want long weight-gradient matmuls (their inner dimension is the chunk). See the README's
+    loss-head table."""
+    rows = 1 << max(n_embd - 1, 1).bit_length()
+    return min(max(rows * (2 if dtype == torch.float32 else 1), 128), 1024)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         impl: str | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the logits h @ weight.T without materialising them.
+
+    h: (N, C) hidden states; weight: (V, C), the (tied) lm_head weight; targets: (N,) int64,
+    -100 = not scored. reduction: "mean" (over scored rows), "sum" or "none" ((N,), 0 where not
+    scored). Under autocast the matmuls run in the autocast dtype; the loss is always fp32.
+    impl: "torch" (torch.nn.functional.linear_cross_entropy, torch >= 2.13), "own"
+    (ChunkedLinearCrossEntropy), or None: PyTorch's op where it is present and measured faster
+    (everything but bf16 on the CPU, where PyTorch's op upcasts its matmuls to fp32), else our
+    own. chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU; elsewhere PyTorch's own
+    per-device pick for its op, 1,024 for ours).
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    h, weight = h.to(dtype), weight.to(dtype)
+    if impl is None:
+        impl = "torch" if hasattr(F, "linear_cross_entropy") and not (device == "cpu" and dtype != torch.float32) else "own"
+    if chunk_rows is None and device == "cpu":
+        chunk_rows = cpu_chunk_rows(h.shape[-1], dtype)
+    with torch.autocast(device, enabled=False):
+        if impl == "own":
+            return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_rows or 1024, reduction,
+                                                   torch.is_grad_enabled())
+        if chunk_rows is not None:
+            options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_rows, chunking_method=None)
+        else:  # PyTorch's own per-device picks, measured on an A100
+            options = torch.nn.LinearCrossEntropyOptions()
+        return F.linear_cross_entropy(h, weight, targets, reduction=reduction, ignore_index=IGNORE_INDEX,
+                                      options=options).float()
 
 
 def sample_next_token(

@@ -63,6 +63,7 @@ class TrainConfig:
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
     attention: str = "sdpa"  # "sdpa" or "manual"
+    loss_impl: str = "chunked"  # "chunked" (never builds the (B, T, vocab) logits) or "full"
     gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, one more forward
     # batch: one optimizer step sees micro_batch_size x grad_accum_steps x processes sequences
     micro_batch_size: int = 8  # sequences per process per forward/backward
@@ -221,6 +222,7 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 disables)")
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision={cfg.mixed_precision!r} must be one of {MIXED_PRECISION}")
     need(cfg.attention in ("sdpa", "manual"), f"attention={cfg.attention!r} must be 'sdpa' or 'manual'")
+    need(cfg.loss_impl in ("chunked", "full"), f"loss_impl={cfg.loss_impl!r} must be 'chunked' or 'full'")
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
     need(cfg.init_from in ("scratch", "resume") or Path(cfg.init_from).is_dir(),
          f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or an existing GPT-2 directory")
@@ -429,7 +431,8 @@ def _skip_model_weights_in_state(accelerator: Accelerator) -> None:
 
 def runtime_overrides(cfg: TrainConfig) -> dict:
     """Model settings that are not part of the weights, taken from the run's config."""
-    return dict(dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention)
+    return dict(dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention,
+                loss_impl=cfg.loss_impl)
 
 
 def select_resume(cfg: TrainConfig, log) -> Resume:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import model as model_module
 from model import GPT, GPTConfig, sample_next_token
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
@@ -301,6 +302,119 @@ def test_gradient_checkpointing_matches_plain_and_saves_memory():
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=0, msg=name)
     assert bytes_b < 0.5 * bytes_a, (bytes_b, bytes_a)
+
+
+# ------------------------------------------------------------------------------ loss head
+
+IMPLS = ["own"] + (["torch"] if hasattr(torch.nn.functional, "linear_cross_entropy") else [])
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """7 rows per chunk: every test input spans several chunks, the last one ragged."""
+    monkeypatch.setattr(model_module, "cpu_chunk_rows", lambda n_embd, dtype: 7)
+
+
+def targets_with_ignored(B: int, T: int, seed: int) -> torch.Tensor:
+    targets = random_ids(B, T, seed=seed)
+    targets.view(-1)[::5] = -100  # every fifth position is not scored
+    return targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(impl, reduction, small_chunks):
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::5] = -100
+    loss = model_module.linear_cross_entropy(h, weight, targets, reduction, impl=impl)
+    expected = torch.nn.functional.cross_entropy(h @ weight.T, targets, reduction=reduction)
+    upstream = torch.randn_like(expected)  # per-row weights for "none"
+    grads = torch.autograd.grad((loss * upstream).sum(), (h, weight))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (h, weight))
+    assert loss.dtype == torch.float32 and loss.shape == expected.shape
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    if reduction == "none":
+        assert torch.all(loss[::5] == 0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chunked_head_equals_the_full_head_for_every_gradient(tied, reduction, small_chunks):
+    chunked = tiny(tie_embeddings=tied)
+    perturb_(chunked, 3)
+    full = tiny(tie_embeddings=tied, loss_impl="full")
+    full.load_state_dict(chunked.state_dict())
+    idx, targets = random_ids(3, 16, seed=1), targets_with_ignored(3, 16, seed=2)
+    results = []
+    for model in (chunked, full):
+        logits, loss = model(idx, targets, reduction=reduction)
+        assert logits is None  # no logits unless asked for
+        (loss.sum() if reduction == "none" else loss).backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_c, grads_c), (loss_f, grads_f) = results
+    assert loss_c.shape == ((3, 16) if reduction == "none" else ())
+    torch.testing.assert_close(loss_c, loss_f, rtol=1e-5, atol=1e-6)
+    for name in grads_f:
+        torch.testing.assert_close(grads_c[name], grads_f[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_forward_returns_logits_or_loss_or_both(small_chunks):
+    model = tiny()
+    idx, targets = random_ids(2, 16, seed=1), targets_with_ignored(2, 16, seed=2)
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, TINY["vocab_size"]) and loss is None
+    none_logits, chunked_loss = model(idx, targets)
+    both_logits, full_loss = model(idx, targets, return_logits=True)
+    assert none_logits is None and torch.equal(both_logits, logits)
+    torch.testing.assert_close(chunked_loss, full_loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        model(idx, targets, reduction="max")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chunked_head_under_bf16_autocast_keeps_an_fp32_loss(impl, small_chunks, monkeypatch):
+    """Under autocast both heads multiply in bf16 and take the softmax in fp32: they agree to bf16
+    precision, and the loss is fp32."""
+    chunked = tiny()
+    perturb_(chunked, 3)
+    full = tiny(loss_impl="full")
+    full.load_state_dict(chunked.state_dict())
+    idx, targets = random_ids(3, 16, seed=1), targets_with_ignored(3, 16, seed=2)
+    real = model_module.linear_cross_entropy
+    monkeypatch.setattr(model_module, "linear_cross_entropy", lambda *a, **k: real(*a, **k, impl=impl))
+    results = []
+    for model in (chunked, full):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        results.append((loss, model.transformer.wte.weight.grad))
+    (loss_c, grad_c), (loss_f, grad_f) = results
+    assert loss_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss_f, rtol=1e-2, atol=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(grad_c.flatten(), grad_f.flatten(), dim=0)
+    assert cosine > 0.999, cosine
+
+
+def test_chunked_head_with_gradient_checkpointing_and_compile(small_chunks):
+    eager = tiny(gradient_checkpointing=True).train()
+    perturb_(eager, 3)
+    compiled = tiny(gradient_checkpointing=True).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    idx, targets = random_ids(2, 16, seed=1), targets_with_ignored(2, 16, seed=2)
+    grads = []
+    for model in (eager, compiled):
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[1][1][name], grads[0][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------ generation

@@ -278,3 +278,15 @@ def test_sigterm_saves_a_loadable_checkpoint(data_dir, tmp_path):
     assert meta["step"] >= 1 and ckpt.name == f"step_{meta['step']:07d}"
     GPT.from_pretrained(ckpt)  # loads: complete, not half-written
     assert not list((out / "ckpt").glob(".tmp*"))
+
+
+def test_chunked_and_full_heads_train_alike(data_dir, tmp_path):
+    """configs/tiny.py (2 micro-steps of accumulation per step) with either loss head: the same
+    losses for 8 steps, within 1e-4."""
+    common = ["--max_steps=8", "--lr_decay_steps=8", "--log_interval=1", "--eval_interval=4"]
+    train.main(tiny_args(data_dir, tmp_path / "chunked", *common, "--loss_impl=chunked"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main(tiny_args(data_dir, tmp_path / "full", *common, "--loss_impl=full"))
+    np.testing.assert_allclose(train_losses(tmp_path / "chunked"), train_losses(tmp_path / "full"), rtol=0, atol=1e-4)
+    val = [[r["val_loss"] for r in read_log(tmp_path / run) if "val_loss" in r] for run in ("chunked", "full")]
+    np.testing.assert_allclose(val[0], val[1], rtol=0, atol=1e-4)
