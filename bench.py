@@ -4,6 +4,7 @@
     python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel; peak memory
     python bench.py head     # the loss head alone: full vs chunked, over chunk sizes
     python bench.py sample   # batch-1 decode tokens/s, ours vs transformers' generate
+    python bench.py eval     # HellaSwag examples/s (needs `make hellaswag`)
     python bench.py          # every section
 """
 
@@ -348,8 +349,9 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
+    from devices import native_bf16
     from model import GPT, GPTConfig
-    from train import load_config, native_bf16
+    from train import load_config
 
     shape = _small_shape()
     cfg = load_config([str(ROOT / "configs" / "small.py")])
@@ -365,7 +367,7 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
           f"{peaks['bf16'] / 1e9:.1f} GFLOP/s ({'native' if bf16 else 'emulated: no AMX / AVX512-BF16 on this CPU'})")
     flops_per_token = GPT(GPTConfig(**shape)).flops_per_token(T)
 
-    print(f"\n| setting | ours chunked tok/s (MFU) | ours full tok/s (MFU) | GPT2LMHeadModel tok/s (MFU) | chunked / HF |")
+    print("\n| setting | ours chunked tok/s (MFU) | ours full tok/s (MFU) | GPT2LMHeadModel tok/s (MFU) | chunked / HF |")
     print("|---|---|---|---|---|")
     for precision in ("fp32", "bf16"):
         for compiled in (False, True) if compile else (False,):
@@ -393,8 +395,8 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         memory = {kind: pool.submit(_memory_of_one_step, kind).result() for kind in ("ours", "hf")}
-    print(f"\npeak RSS of one forward + backward, GPT-2 124M, fp32, micro-batch 4 x 1,024 (a fresh process each; "
-          f"model built before):")
+    print("\npeak RSS of one forward + backward, GPT-2 124M, fp32, micro-batch 4 x 1,024 (a fresh process each; "
+          "model built before):")
     for kind, label in (("ours", "ours, chunked head"), ("hf", "GPT2LMHeadModel + cross_entropy")):
         m = memory[kind]
         print(f"  {label:<32} {m['peak_mb']:7,.0f} MB peak ({m['peak_mb'] - m['before_mb']:6,.0f} MB above the model)")
@@ -488,7 +490,40 @@ def bench_sample(new_tokens: int = 128) -> None:
                   f"at most {limit:.1f} tokens/s; ours reaches {rates['ours'] / limit:.0%} of that limit")
 
 
-SECTIONS = {"data": bench_data, "train": bench_train, "head": bench_head, "sample": bench_sample}
+def bench_eval(examples: int = 200, batch_size: int = 16) -> None:
+    """HellaSwag examples/s (4 choices each, batched) at small.py's shape and GPT-2 124M, with the
+    real validation examples when `make hellaswag` has fetched them, fp32 and (where native) bf16."""
+    import evaluation
+    from devices import autocast, native_bf16
+    from model import GPT, GPTConfig
+    from tokenizer import gpt2_tokenizer
+
+    data = ROOT / "data" / "hellaswag"
+    if not data.is_dir():
+        print(f"eval benchmark: skipped, {data} is missing: run `make hellaswag` first")
+        return
+    enc = gpt2_tokenizer()
+    chosen = evaluation.load_hellaswag(data, enc, examples)
+    tokens = sum(len(e.query) + len(c) for e in chosen for c in e.choices)
+    print(f"eval benchmark: {len(chosen)} HellaSwag validation examples ({tokens / len(chosen) / 4:.0f} tokens per "
+          f"sequence on average), batches of {batch_size} sequences, {torch.get_num_threads()} threads on {cpu_name()}")
+    print("\n| shape | dtype | examples/s | acc_norm (random weights: chance is 0.25) |")
+    print("|---|---|---|---|")
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(torch.device("cpu")) else [])
+    for name, shape, n in (("small.py", _small_shape(), len(chosen)), ("GPT-2 124M", GPT2_124M, min(len(chosen), 50))):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**shape)).eval()
+        for dtype in dtypes:
+            context = autocast(torch.device("cpu"), dtype)
+            evaluation.score_choices(model, chosen[:4], batch_size, torch.device("cpu"), context)  # warm-up
+            start = time.perf_counter()
+            scores = evaluation.score_choices(model, chosen[:n], batch_size, torch.device("cpu"), context)
+            rate = n / (time.perf_counter() - start)
+            _, _, correct_norm = evaluation.hellaswag_counts(scores, chosen[:n])
+            print(f"| {name} ({n} examples) | {str(dtype)[6:]} | {rate:.1f} | {correct_norm / n:.3f} |", flush=True)
+
+
+SECTIONS = {"data": bench_data, "train": bench_train, "head": bench_head, "sample": bench_sample, "eval": bench_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     head.add_argument("--reps", type=int, default=5, help="timed runs per cell (default: 5)")
     sample = sections.add_parser("sample", help="batch-1 greedy decode tokens/s, ours vs transformers' generate")
     sample.add_argument("--new_tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    evaluate = sections.add_parser("eval", help="HellaSwag examples/s at small.py's shape and GPT-2 124M")
+    evaluate.add_argument("--examples", type=int, default=200, help="examples scored at small.py's shape (default: 200)")
+    evaluate.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass (default: 16)")
     args = parser.parse_args(argv)
     if args.section is None:
         for run in SECTIONS.values():

@@ -226,3 +226,13 @@ def load_model(directory: Path, **overrides):
         raise CheckpointError(f"cannot load {directory}: {err.args[0]}") from err
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {directory}: {err}") from err
+
+
+def save_weights(out_dir: str | Path, step: int, model, meta: dict | None = None) -> Path:
+    """Publish a checkpoint that holds weights and meta.json but no training state (no state/):
+    what sample.py and eval.py read, e.g. a model made outside train.py. Returns its directory."""
+    tmp, final = tmp_dir(out_dir, step), step_dir(out_dir, step)
+    with atomic.building_dir(final, tmp):
+        model.save_pretrained(tmp)
+        finish(tmp, final, {"step": step, **(meta or {})})
+    return final

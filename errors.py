@@ -7,6 +7,9 @@ is not a `UserError`: it exits 1, so scripts can tell "fix your input" from "the
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """A problem with something the user controls; the message names the thing, the value and
@@ -33,6 +36,11 @@ class SampleError(UserError):
     """A sample.py or eval.py option: prompt, device, dtype."""
 
 
+class TokenizerError(UserError):
+    """GPT-2's tokenizer could not be loaded (offline without its cached file); the message says
+    how to fix it."""
+
+
 class DiskFullError(UserError, OSError):
     """A write failed because the disk (or a quota or file-size limit) is full; the partial file
     was removed."""
@@ -41,3 +49,14 @@ class DiskFullError(UserError, OSError):
 class DivergenceError(Exception):
     """Training produced a non-finite loss, gradient or weight; the message names the step and
     the last checkpoint whose weights are all finite."""
+
+
+def exit_status(command: Callable[[], object]) -> int:
+    """Run a command's body: 0 when it returns; a UserError printed as `error: <message>` on
+    stderr and 2. Every command's main ends here, so user mistakes never show a traceback."""
+    try:
+        command()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import atomic
+from tokenizer import EOT_TOKEN
 
 ATTENTION_IMPLS = ("sdpa", "manual")
 LOSS_IMPLS = ("chunked", "full")
 IGNORE_INDEX = -100  # a target that is not scored (F.cross_entropy's default)
-EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 # The four published GPT-2 sizes [1]; all share block_size=1024 and vocab_size=50257.
 PRESETS = {
@@ -111,7 +111,6 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.impl = config.attention
         self.layer_idx = layer_idx

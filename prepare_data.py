@@ -465,6 +465,7 @@ class EncodedDocument:
     tokens: list[np.ndarray]  # uint16 pieces; the first starts with EOT_TOKEN
     split_key: float  # in [0, 1): the document goes to val when this is below val_fraction
     replaced_chars: int  # lone surrogates replaced while encoding
+    utf8_bytes: int  # of the text encoded: bits per byte in eval.py are counted against it
 
 
 def _worker_start(parent: int) -> None:
@@ -492,8 +493,9 @@ def worker_context():
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def _encode_pieces(pieces: list[tuple[str, bool]], hash_key: bytes) -> list[tuple[np.ndarray, bytes, int]]:
-    """One worker task: (text, starts_document) pieces -> (uint16 ids, digest of the ids, replaced) each.
+def _encode_pieces(pieces: list[tuple[str, bool]], hash_key: bytes) -> list[tuple[np.ndarray, bytes, int, int]]:
+    """One worker task: (text, starts_document) pieces -> (uint16 ids, digest of the ids, replaced,
+    UTF-8 bytes) each.
 
     Ids come from encode_to_numpy with no special tokens allowed or disallowed, which is tiktoken's
     ordinary encoding (the same ids as encode_ordinary) without building a Python list. The digest
@@ -509,13 +511,14 @@ def _encode_pieces(pieces: list[tuple[str, bool]], hash_key: bytes) -> list[tupl
             fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             replaced = fixed.count("\ufffd") - text.count("\ufffd")
             ids = enc.encode_to_numpy(fixed, allowed_special=set(), disallowed_special=())
+            text = fixed
         offset = 1 if starts_document else 0
         tokens = np.empty(len(ids) + offset, dtype=shards.TOKEN_DTYPE)
         tokens[offset:] = ids  # every GPT-2 id is < 50257, so uint16 holds it
         if starts_document:
             tokens[0] = EOT_TOKEN
         digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype="<u4"), digest_size=16, key=hash_key).digest()
-        results.append((tokens, digest, replaced))
+        results.append((tokens, digest, replaced, len(text.encode("utf-8"))))
     return results
 
 
@@ -529,12 +532,9 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
     """Documents -> EncodedDocument, in input order, encoded by num_workers worker processes.
 
     At most 2 x num_workers batches of ~BATCH_CHARS characters are in flight, so memory does not
-    grow with the corpus. Raises DataError if the tokenizer cannot be loaded.
+    grow with the corpus. Raises TokenizerError if the tokenizer cannot be loaded.
     """
-    try:
-        gpt2_tokenizer()  # loaded here, so a missing tokenizer file is one clear error
-    except RuntimeError as err:
-        raise DataError(str(err)) from err
+    gpt2_tokenizer()  # loaded here, so a missing tokenizer file is one clear error before any worker starts
     hash_key = f"prepare_data split seed {seed}".encode()
     pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=worker_context(), initializer=_worker_start,
                                initargs=(os.getpid(),))
@@ -548,9 +548,10 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
         while pieces_per_document and len(ready) >= pieces_per_document[0]:
             parts = [ready.popleft() for _ in range(pieces_per_document.popleft())]
             yield EncodedDocument(
-                tokens=[tokens for tokens, _, _ in parts],
-                split_key=_split_key([digest for _, digest, _ in parts], hash_key),
-                replaced_chars=sum(replaced for _, _, replaced in parts),
+                tokens=[part[0] for part in parts],
+                split_key=_split_key([part[1] for part in parts], hash_key),
+                replaced_chars=sum(part[2] for part in parts),
+                utf8_bytes=sum(part[3] for part in parts),
             )
 
     try:
@@ -635,19 +636,22 @@ class SplitWriter:
         self.val_fraction = val_fraction
         self.writers = {split: ShardWriter(out, split, shard_tokens) for split in ("train", "val")}
         self.held: dict[str, list[np.ndarray] | None] = {"train": None, "val": None}
+        self.held_bytes = {"train": 0, "val": 0}
         self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         self.pending_tokens = {"train": 0, "val": 0}
         self.documents = {"train": 0, "val": 0}
+        self.utf8_bytes = {"train": 0, "val": 0}  # of the documents released to each split
         self.split_note = "by document: val when a keyed BLAKE2b hash of its token ids falls below val_fraction"
 
     def add(self, doc: EncodedDocument) -> None:
         split = "val" if doc.split_key < self.val_fraction else "train"
         if self.held[split] is not None:
-            self._release(split, self.held[split])
-        self.held[split] = doc.tokens
+            self._release(split, self.held[split], self.held_bytes[split])
+        self.held[split], self.held_bytes[split] = doc.tokens, doc.utf8_bytes
         self.documents[split] += 1
 
-    def _release(self, split: str, arrays: list[np.ndarray]) -> None:
+    def _release(self, split: str, arrays: list[np.ndarray], utf8_bytes: int) -> None:
+        self.utf8_bytes[split] += utf8_bytes
         self.pending[split] += arrays
         self.pending_tokens[split] += sum(len(a) for a in arrays)
         if self.pending_tokens[split] >= WRITE_TOKENS:
@@ -660,6 +664,7 @@ class SplitWriter:
 
     def _move_held(self, src: str, dst: str) -> None:
         self.held[dst], self.held[src] = self.held[src], None
+        self.held_bytes[dst], self.held_bytes[src] = self.held_bytes[src], 0
         self.documents[src] -= 1
         self.documents[dst] += 1
         self.split_note += f"; no document hashed into {dst}, so the last {src} document moved there"
@@ -674,11 +679,14 @@ class SplitWriter:
             assert len(only) >= 2, "a non-empty document has EOT plus at least one token"
             n_val = min(max(1, round(len(only) * self.val_fraction)), len(only) - 1)
             self.held = {"train": [only[:-n_val]], "val": [only[-n_val:]]}
+            val_bytes = len(gpt2_tokenizer().decode_bytes(only[-n_val:].tolist()))
+            total_bytes = self.held_bytes["train"] + self.held_bytes["val"]
+            self.held_bytes = {"train": total_bytes - val_bytes, "val": val_bytes}
             self.documents = {"train": 1, "val": 1}
             self.split_note = (f"the corpus is one document: its first {len(only) - n_val} tokens are train, "
                                f"its last {n_val} val")
         for split, held in self.held.items():
-            self._release(split, held or [])
+            self._release(split, held or [], self.held_bytes[split])
             self._write(split)
         return {split: writer.close() for split, writer in self.writers.items()}
 
@@ -775,6 +783,7 @@ def prepare(
     out = Path(out)
     num_workers = default_num_workers() if num_workers is None else num_workers
     validate_options(val_fraction, shard_tokens, num_workers, text_field)
+    gpt2_tokenizer()  # a missing tokenizer file is one clear error, before anything is read or written
     check_out_dir(out, overwrite)
     stats = Stats()
     documents, source = open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats)
@@ -814,6 +823,7 @@ def prepare(
             "tokens": n_tokens,
             **{name: {"documents": splits.documents[name],
                       "tokens": splits.writers[name].total_tokens,
+                      "bytes": splits.utf8_bytes[name],  # UTF-8 bytes of the text, for bits per byte
                       "shards": [p.name for p in paths[name]]} for name in ("train", "val")},
             "split": splits.split_note,
             "empty_documents_skipped": stats.empty_documents,

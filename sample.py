@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 
 import checkpoints
-from errors import SampleError, UserError
+import devices
+from errors import SampleError, exit_status
 from model import GPT
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
-from train import native_bf16
 
 SEPARATOR = "-" * 40
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 # ------------------------------------------------------------------------ arguments
@@ -63,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop_at_eot", action="store_true",
                    help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
+    p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
                    help="auto: bf16 autocast where the device runs bf16 natively (CUDA, AMX or AVX512-BF16 CPUs), float32 elsewhere")
     args = p.parse_args(argv)
 
@@ -78,60 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     return args
-
-
-# ------------------------------------------------------------------ device, dtype
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu. An explicit device must exist here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise SampleError(f"--device {name!r} is not a device name ({err})") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SampleError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SampleError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SampleError(f"--device {name}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise SampleError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "mps":
-        try:  # bf16 on MPS depends on the macOS version; ask the device itself
-            torch.zeros(1, dtype=torch.bfloat16, device=device)
-        except (RuntimeError, TypeError):
-            return False
-        return True
-    return True  # CPU autocast runs bf16 everywhere (emulated, so slower, without AVX512-BF16/AMX)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype to generate in; float32 means no autocast.
-
-    "auto" is bf16 where the device runs it natively (train.native_bf16), else float32. Asking
-    for bf16 where the device lacks it raises SampleError rather than quietly running in float32.
-    """
-    if name == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    if name == "bfloat16":
-        if not _bf16_supported(device):
-            raise SampleError(f"--dtype bfloat16 is not supported on {device}; use --dtype float32")
-        return torch.bfloat16
-    return torch.float32
 
 
 # ---------------------------------------------------------------- model, prompt
@@ -227,12 +172,10 @@ def generate_sample(model: GPT, prompt_ids: list[int], show_prompt: bool, args, 
         write(stream.feed(prompt_ids))
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     vocab_limit = enc.n_vocab if model.config.vocab_size > enc.n_vocab else None
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
     n_new = 0
     tokens = model.generate_tokens(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, generator=generator, vocab_limit=vocab_limit)
-    with autocast, contextlib.closing(tokens):
+    with devices.autocast(device, dtype), contextlib.closing(tokens):
         for next_token in tokens:  # (1, 1)
             token = int(next_token)
             n_new += 1
@@ -245,12 +188,9 @@ def generate_sample(model: GPT, prompt_ids: list[int], show_prompt: bool, args, 
 
 def run(args: argparse.Namespace) -> None:
     """Load, encode, generate args.num_samples samples to stdout; report speed on stderr."""
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    try:
-        enc = gpt2_tokenizer()
-    except RuntimeError as err:
-        raise SampleError(str(err).replace("\n", " ")) from err
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    enc = gpt2_tokenizer()
     prompt_ids, show_prompt = read_prompt(args.prompt, args.prompt_file, enc)
     model, directory = load_model(args.checkpoint, device)
     cfg = model.config
@@ -290,12 +230,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 for a problem with the input)."""
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tiktoken
 
+from errors import TokenizerError
+
 ENCODING_NAME = "r50k_base"  # byte-identical ranks to tiktoken's "gpt2"
 EOT_TOKEN = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
@@ -23,23 +25,23 @@ PROJECT_CACHE = Path(__file__).resolve().parent / ".cache" / "tiktoken"
 
 @lru_cache(maxsize=1)
 def gpt2_tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding. Raises RuntimeError with set-up instructions if it cannot be loaded."""
+    """The GPT-2 encoding. Raises TokenizerError with set-up instructions if it cannot be loaded."""
     if "TIKTOKEN_CACHE_DIR" not in os.environ and PROJECT_CACHE.is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(PROJECT_CACHE)
     try:
         enc = tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "(unset: tiktoken's temp-dir cache)")
-        raise RuntimeError(
+        raise TokenizerError(
             f"could not load the GPT-2 tokenizer (tiktoken '{ENCODING_NAME}'): "
-            f"{type(err).__name__}: {err}\n"
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             f"TIKTOKEN_CACHE_DIR is {cache}. Either connect to the internet once so tiktoken can "
             f"download it, or point TIKTOKEN_CACHE_DIR at a folder holding the cached file "
             f"(e.g. export TIKTOKEN_CACHE_DIR=/path/to/shared/tiktoken_cache), or copy that file "
             f"into {PROJECT_CACHE}."
         ) from err
     if enc.n_vocab != VOCAB_SIZE or enc.eot_token != EOT_TOKEN:
-        raise RuntimeError(
+        raise TokenizerError(
             f"tiktoken '{ENCODING_NAME}' has n_vocab={enc.n_vocab}, eot={enc.eot_token}; "
             f"GPT-2 needs {VOCAB_SIZE} and {EOT_TOKEN}"
         )

@@ -14,6 +14,7 @@ A config file is Python, executed as it is read (as in nanoGPT): trust it like a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -35,10 +36,13 @@ from tqdm.auto import tqdm
 
 import atomic
 import checkpoints
+import devices
+import evaluation
 import shards
-from errors import CheckpointError, ConfigError, DivergenceError, ShardError, UserError
+from errors import CheckpointError, ConfigError, DivergenceError, ShardError, exit_status
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
+from tokenizer import gpt2_tokenizer
 
 # --------------------------------------------------------------------------- config
 
@@ -82,6 +86,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evals (also at step 0 and the last step)
     eval_steps: int = 20  # micro-batches per eval, per process
+    hellaswag_data: str = ""  # HellaSwag .jsonl or save_to_disk dir (make hellaswag): zero-shot accuracy at each eval
+    hellaswag_limit: int = 0  # HellaSwag examples per eval, shared out across processes; 0: all
     log_interval: int = 10  # steps between log lines
     ckpt_interval: int = 500  # steps between checkpoints (also at the last step)
     keep_last_ckpts: int = 2  # checkpoints kept; older ones are removed
@@ -224,6 +230,9 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(cfg.attention in ("sdpa", "manual"), f"attention={cfg.attention!r} must be 'sdpa' or 'manual'")
     need(cfg.loss_impl in ("chunked", "full"), f"loss_impl={cfg.loss_impl!r} must be 'chunked' or 'full'")
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
+    need(cfg.hellaswag_limit >= 0, f"hellaswag_limit={cfg.hellaswag_limit} must be >= 0 (0: every example)")
+    need(not cfg.hellaswag_data or Path(cfg.hellaswag_data).exists(),
+         f"hellaswag_data={cfg.hellaswag_data} does not exist (make hellaswag writes data/hellaswag)")
     need(cfg.init_from in ("scratch", "resume") or Path(cfg.init_from).is_dir(),
          f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or an existing GPT-2 directory")
     need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(), f"out_dir={cfg.out_dir} is a file, not a directory")
@@ -324,6 +333,13 @@ class TrainState:
     val_loss: Optional[float] = None  # of the last eval
     num_processes: Optional[int] = None  # that wrote the checkpoint
 
+    def advance(self, loss: float, tokens: int, loader: ShardLoader) -> None:
+        """Account for one optimizer step that consumed `tokens` tokens from `loader`."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_loader = loader.state_dict()
+        self.loss = loss
+
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -395,7 +411,7 @@ def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainC
     _agree_or_raise(accelerator, error, cfg, final)
     try:
         accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
-        full_weights = accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
+        full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
         if accelerator.is_main_process:
             raw_model.save_pretrained(tmp, state_dict=full_weights)
             (tmp / checkpoints.TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -412,6 +428,14 @@ def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainC
         checkpoints.prune(cfg.out_dir, final, cfg.keep_last_ckpts)
     accelerator.wait_for_everyone()
     return final
+
+
+def gathered_weights(accelerator: Accelerator, model) -> dict | None:
+    """Under FSDP, the full weights gathered from every process's shard (a collective); elsewhere
+    None, since the unwrapped model holds them already. Names without torch.compile's prefix."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
 
 
 def _skip_model_weights_in_state(accelerator: Accelerator) -> None:
@@ -586,6 +610,30 @@ def evaluate(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: i
     return accelerator.reduce(total / eval_steps, reduction="mean").item()
 
 
+def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accelerator,
+                        batch_size: int) -> Callable[[], dict[str, float]]:
+    """An evaluator of zero-shot HellaSwag (evaluation.py): the examples are shared out across
+    processes, the counts summed over them. Every process scores the same number of examples
+    (the short shares repeat their first one, uncounted), so each calls the model equally often,
+    as FSDP needs."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = examples[rank::world]
+    padded = share + share[:1] * (math.ceil(len(examples) / world) - len(share))
+
+    @torch.no_grad()
+    def run() -> dict[str, float]:
+        model.eval()
+        scores = evaluation.score_choices(model, padded, batch_size, accelerator.device, contextlib.nullcontext(),
+                                          max_len=max_len)
+        model.train()
+        counts = torch.tensor(evaluation.hellaswag_counts(scores[: len(share)], share), dtype=torch.float64,
+                              device=accelerator.device)
+        n, correct, correct_norm = accelerator.reduce(counts, reduction="sum").tolist()
+        return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
+
+    return run
+
+
 def accumulate_gradients(model, accelerator: Accelerator, loader: ShardLoader, micro_steps: int) -> torch.Tensor:
     """Forward and backward over micro_steps micro-batches; returns their mean loss (detached).
 
@@ -722,12 +770,36 @@ def _format_time(seconds: float) -> str:
 # -------------------------------------------------------------------------- fit
 
 
-def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None) -> tuple[GPT, dict]:
-    """Run training to cfg.max_steps (or a stop signal).
+@dataclass
+class Run:
+    """Everything a training run holds once set up: what the loop and its helpers work on."""
 
-    Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
-    loss, val_loss, loader position). Raises DivergenceError for a non-finite step.
-    """
+    cfg: TrainConfig
+    accelerator: Accelerator
+    raw_model: GPT  # unwrapped and uncompiled: what checkpoints are saved from
+    model: torch.nn.Module  # as prepared by Accelerate (DDP/FSDP, compiled)
+    optimizer: torch.optim.Optimizer
+    train_loader: ShardLoader
+    state: TrainState
+    evaluators: list[Callable[[], dict[str, float]]]  # each returns named figures, e.g. {"val_loss": 3.2}
+    flops_per_step: float  # counted before prepare(): FSDP shards the parameters
+    log: Callable[[str], None]  # console, main process only
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.cfg.out_dir) / "log.jsonl"
+
+    def record(self, values: dict, console: str) -> None:
+        """One record to log.jsonl, the console and the trackers."""
+        if self.accelerator.is_main_process:
+            append_log(self.log_path, {"step": self.state.step, **values})
+            self.log(console)
+        self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=self.state.step)
+
+
+def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None) -> Run:
+    """Model, data, out_dir, optimizer, Accelerate and the starting TrainState, each checked
+    before anything is written; an earlier run's outputs are removed only after that."""
     is_main = accelerator.is_main_process
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     out_dir = Path(cfg.out_dir)
@@ -750,8 +822,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None
         state = dataclasses.replace(resume.state, num_processes=world)
         train_loader.load_state_dict(state.train_loader)
 
-    # Only now, with the model and data known to be good, may an earlier run's outputs go.
-    if is_main:
+    if is_main:  # only now, with the model and data known to be good, may an earlier run's outputs go
         clear_outputs(old_outputs)
         if resume is not None:
             checkpoints.remove_leftovers(out_dir)
@@ -760,10 +831,9 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None
         atomic.write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     accelerator.wait_for_everyone()
 
-    if cfg.compile:
-        raw_model.compile()  # in place: no wrapper, so state_dict keys stay GPT-2's
+    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
     optimizer = make_optimizer(raw_model, cfg, accelerator.device)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles too, with compile=true
     _skip_model_weights_in_state(accelerator)
     if resume is not None:
         try:  # Accelerate unpickles with weights_only=True: a file that holds code is refused, never run
@@ -775,94 +845,97 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None
         log(f"resumed from {resume.ckpt} at step {state.step}")
     if cfg.log_with:
         accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
-
-    flops_per_step = raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
-    log(f"{raw_model.num_params() / 1e6:.2f}M parameters | {describe_processes(accelerator)} | "
+    log(f"{n_params / 1e6:.2f}M parameters | {describe_processes(accelerator)} | "
         f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
         f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
+    evaluators = [lambda: {"val_loss": evaluate(model, val_loader, accelerator, cfg.eval_steps)}]
+    if cfg.hellaswag_data:
+        examples = evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+        evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
+                                              cfg.micro_batch_size))
+        log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
+    return Run(cfg, accelerator, raw_model, model, optimizer, train_loader, state, evaluators, flops_per_step, log)
 
-    log_path = out_dir / "log.jsonl"
-    evaluators = {"val_loss": lambda: evaluate(model, val_loader, accelerator, cfg.eval_steps)}
 
-    def record(values: dict, console: str) -> None:
-        """One record to log.jsonl, the console and the trackers."""
-        if is_main:
-            append_log(log_path, {"step": state.step, **values})
-            log(console)
-        accelerator.log({k: v for k, v in values.items() if v is not None}, step=state.step)
+def run_evals(run: Run) -> None:
+    """Every evaluator's figures, as one record."""
+    figures = {name: value for evaluator in run.evaluators for name, value in evaluator().items()}
+    run.state.val_loss = figures.get("val_loss", run.state.val_loss)
+    run.record(figures, f"step {run.state.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
-    def run_evals() -> None:
-        figures = {name: run() for name, run in evaluators.items()}
-        state.val_loss = figures["val_loss"]
-        record(figures, f"step {state.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
-    start_time = window_time = time.time()
-    window_steps = 0
-    with StopSignal() as stop, tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train",
-                                    dynamic_ncols=True) as bar:
+class Throughput:
+    """Tokens/s and MFU over the steps since the last log line."""
+
+    def __init__(self, run: Run):
+        self.run, self.start = run, time.time()
+        self.window_start, self.window_steps = self.start, 0
+
+    def step(self) -> None:
+        self.window_steps += 1
+
+    def log(self, stats: StepStats) -> None:
+        run, cfg = self.run, self.run.cfg
+        elapsed = time.time() - self.window_start
+        tokens_per_sec = self.window_steps * cfg.tokens_per_step / elapsed
+        mfu = (run.flops_per_step * self.window_steps / elapsed / (cfg.peak_flops * run.accelerator.num_processes)
+               if cfg.peak_flops else None)
+        values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_sec": tokens_per_sec,
+                  "mfu": mfu, "tokens_seen": run.state.tokens_seen, "elapsed_sec": time.time() - self.start}
+        mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        run.record(values, f"step {run.state.step}/{cfg.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
+                           f"grad_norm {stats.grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
+                           f"{_format_time(values['elapsed_sec'])}")
+        self.window_start, self.window_steps = time.time(), 0
+
+
+def checkpoint(run: Run) -> None:
+    """Save a checkpoint of the current step, after checking on every process that the weights
+    are finite (a non-finite one is never written and never replaces a good one)."""
+    if not _all_ranks(run.accelerator, weights_are_finite(run.model)):
+        raise diverged(run.cfg, run.state.step, "the weights are no longer all finite")
+    run.log(f"saved {save_checkpoint(run.accelerator, run.model, run.raw_model, run.cfg, run.state)}")
+
+
+def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None) -> tuple[GPT, dict]:
+    """Run training to cfg.max_steps (or a stop signal).
+
+    Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
+    loss, val_loss, loader position). Raises DivergenceError for a non-finite step.
+    """
+    run = setup_run(cfg, accelerator, resume)
+    state, throughput = run.state, Throughput(run)
+    with StopSignal() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                                    disable=not accelerator.is_main_process) as bar:
         if state.step == 0:
-            run_evals()
-        model.train()
+            run_evals(run)
+        run.model.train()
         while state.step < cfg.max_steps:
-            stats = train_step(model, optimizer, accelerator, train_loader, cfg, state.step, stop)
+            stats = train_step(run.model, run.optimizer, accelerator, run.train_loader, cfg, state.step, stop)
             if not stats.applied:
-                raise diverged(cfg, state.step + 1, f"the loss is {stats.loss} and the gradient norm {stats.grad_norm} "
-                                                    f"(the update was not applied)")
-            state.step += 1
-            state.tokens_seen += cfg.tokens_per_step
-            state.train_loader = train_loader.state_dict()
-            state.loss = stats.loss
-            window_steps += 1
+                raise diverged(cfg, state.step + 1, f"the loss is {stats.loss} and the gradient norm "
+                                                    f"{stats.grad_norm} (the update was not applied)")
+            state.advance(stats.loss, cfg.tokens_per_step, run.train_loader)
+            throughput.step()
             bar.update(1)
             last_step = state.step == cfg.max_steps
             if state.step % cfg.log_interval == 0 or last_step:
-                elapsed = time.time() - window_time
-                tokens_per_sec = window_steps * cfg.tokens_per_step / elapsed
-                mfu = (flops_per_step * window_steps / elapsed / (cfg.peak_flops * world)) if cfg.peak_flops else None
-                values = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_sec": tokens_per_sec,
-                          "mfu": mfu, "tokens_seen": state.tokens_seen, "elapsed_sec": time.time() - start_time}
-                mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                record(values, f"step {state.step}/{cfg.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
-                               f"grad_norm {stats.grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s{mfu_text} | "
-                               f"{_format_time(values['elapsed_sec'])}")
-                window_time, window_steps = time.time(), 0
+                throughput.log(stats)
             if state.step % cfg.eval_interval == 0 or last_step:
-                run_evals()
+                run_evals(run)
             if state.step % cfg.ckpt_interval == 0 or last_step or stats.stop_requested:
-                if not _all_ranks(accelerator, weights_are_finite(model)):
-                    raise diverged(cfg, state.step, "the weights are no longer all finite")
-                log(f"saved {save_checkpoint(accelerator, model, raw_model, cfg, state)}")
+                checkpoint(run)
             if stats.stop_requested:
-                log(f"stopped by {stop.received or 'a signal on another process'} after step {state.step}. "
-                    f"To continue, run the same command with --init_from=resume")
+                run.log(f"stopped by {stop.received or 'a signal on another process'} after step {state.step}. "
+                        f"To continue, run the same command with --init_from=resume")
                 break
     accelerator.end_training()
-    if cfg.plot and is_main:
-        plot_losses(log_path, out_dir / "loss.png")
-    return raw_model, state.state_dict()
+    if cfg.plot and accelerator.is_main_process:
+        plot_losses(run.log_path, Path(cfg.out_dir) / "loss.png")
+    return run.raw_model, state.state_dict()
 
 
-# ------------------------------------------------------------------- devices
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (fast) here: CUDA with bf16 support, or a CPU with AMX or
-    AVX512-BF16. Elsewhere, e.g. an AVX2-only CPU, bf16 is emulated and much slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
-def resolve_mixed_precision(cfg: TrainConfig, device: torch.device, log) -> None:
-    """Replace mixed_precision="auto" by what this device runs fastest; warn about slow bf16."""
-    if cfg.mixed_precision == "auto":
-        cfg.mixed_precision = "bf16" if native_bf16(device) else "no"
-        log(f"mixed_precision=auto -> {cfg.mixed_precision} on {device.type}"
-            + ("" if cfg.mixed_precision == "bf16" else " (no native bf16 on this device)"))
-    elif cfg.mixed_precision == "bf16" and not native_bf16(device):
-        log(f"warning: mixed_precision=bf16 on a {device.type} without native bf16: expect it to be slower than fp32")
+# ------------------------------------------------------------------- main
 
 
 def start_processes() -> PartialState:
@@ -883,11 +956,14 @@ def start_processes() -> PartialState:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The one Accelerator. With compile=true it compiles the model in prepare(), after wrapping it
+    in DDP or FSDP, as Accelerate expects; checkpoints are saved from the uncompiled module."""
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=cfg.log_with or None,
         project_dir=cfg.out_dir,
+        dynamo_backend="inductor" if cfg.compile else "no",
     )
 
 
@@ -910,7 +986,9 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
             raise
         raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
                           f"{state.num_processes}: {err}") from None
-    resolve_mixed_precision(cfg, state.device, log)
+    cfg.mixed_precision, note = devices.mixed_precision(cfg.mixed_precision, state.device)
+    if note:
+        log(note)
     accelerator = make_accelerator(cfg)
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
@@ -921,10 +999,7 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
 
 if __name__ == "__main__":
     try:
-        main()
-    except UserError as err:  # bad input: say what, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_status(main))  # bad input: one line, status 2
     except DivergenceError as err:  # the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -6,26 +6,27 @@ data_dir = "data/shakespeare"
 out_dir = "out/small"
 
 # 4 layers of width 128: most of the compute is the 50257-way output layer, so the width is kept
-# small; the blocks are cheap next to it.
+# small; the blocks are cheap next to it. (6 layers, or 256-token windows, learned less per
+# minute in the same token budget.)
 n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 128  # a few verse lines of context
-dropout = 0.0  # far less than one epoch is seen: nothing to regularise against
+dropout = 0.0  # less than one epoch is seen: nothing to regularise against
 
 micro_batch_size = 8
 grad_accum_steps = 1  # 1,024 tokens per step: with this little compute, more small steps learn faster
-max_steps = 400  # ~410K tokens, about a quarter of the corpus; ~7 minutes on 2 CPU cores
-warmup_steps = 30
-learning_rate = 2e-3  # small models take a high peak rate
-min_lr = 2e-4
+max_steps = 1200  # ~1.23M tokens, 80% of the corpus: val loss 5.21 at 600 steps, 4.93 at 1,200
+warmup_steps = 50
+learning_rate = 1.5e-3  # small models take a high peak rate (3e-3 diverged less gracefully: 5.37 at 600 steps)
+min_lr = 1.5e-4
 weight_decay = 0.1
 grad_clip = 1.0
 
-eval_interval = 100
-eval_steps = 8  # 8 x 8 x 128 = 8K val tokens: a stable estimate at ~1 s per eval here
-log_interval = 20
-ckpt_interval = 200
+eval_interval = 200
+eval_steps = 8  # 8 x 8 x 128 = 8K val tokens: a stable estimate in about a second
+log_interval = 50
+ckpt_interval = 400
 keep_last_ckpts = 2
 
 mixed_precision = "auto"  # bf16 where the CPU/GPU runs it natively (AMX, AVX512-BF16, CUDA), else fp32

@@ -591,3 +591,15 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, enc, small_disk):
     proc = run_command("prepare_data.py", "--input", *inputs, "--out", out, "--shard_tokens", "50000")
     assert_one_line_error(proc, "disk full", str(out))
     assert out.is_dir() and not list(out.iterdir())
+
+
+def test_missing_tokenizer_says_how_to_fix_it(tmp_path):
+    """Offline with an empty tokenizer cache: one line that names TIKTOKEN_CACHE_DIR, and nothing
+    written. (The proxy points nowhere, so this fails the same way on a machine with internet.)"""
+    (tmp_path / "empty_cache").mkdir()
+    (tmp_path / "doc.txt").write_text("some text")
+    proc = run_command("prepare_data.py", "--input", tmp_path / "doc.txt", "--out", tmp_path / "out",
+                       env_extra={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
+                                  "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert_one_line_error(proc, "could not load the GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert not (tmp_path / "out").exists()

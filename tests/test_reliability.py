@@ -240,9 +240,9 @@ def test_kill_while_pruning_leaves_nothing_listed_that_does_not_load(data_dir, t
     still loads, and the next start removes the half-deleted one."""
     out = tmp_path / "run"
     main(*tiny_args(data_dir, out, "--max_steps=1", "--lr_decay_steps=6", "--ckpt_interval=1"))
-    bulk = checkpoints.step_dir(out, 1) / "state" / "bulk"  # slows its deletion down to ~1 s
+    bulk = checkpoints.step_dir(out, 1) / "state" / "bulk"  # slows its deletion down to a second or two
     bulk.mkdir()
-    for i in range(30_000):
+    for i in range(60_000):
         (bulk / str(i)).touch()
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=2", "--lr_decay_steps=6",
                              "--ckpt_interval=1", "--keep_last_ckpts=1", "--init_from=resume")],

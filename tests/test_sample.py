@@ -1,6 +1,6 @@
 """sample.py: the CLI against the model's own generate, on tiny saved models (CPU, real tokenizer)."""
 
-import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream, main, parse_args
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
@@ -22,14 +23,6 @@ def tiny_model(seed: int, vocab_size: int = 50257) -> GPT:
     return GPT(GPTConfig(**TINY, vocab_size=vocab_size))
 
 
-def save_checkpoint_layout(model: GPT, out_dir: Path, step: int) -> Path:
-    """What train.py writes: out_dir/ckpt/step_XXXXXXX/ with HF weights and meta.json."""
-    ckpt = out_dir / "ckpt" / f"step_{step:07d}"
-    model.save_pretrained(ckpt)
-    (ckpt / "meta.json").write_text(json.dumps({"step": step}))
-    return ckpt
-
-
 @pytest.fixture(scope="module")
 def enc():
     return gpt2_tokenizer()
@@ -41,8 +34,8 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     tiny_model(0).save_pretrained(root / "hf")
     out_dir = root / "run"
-    save_checkpoint_layout(tiny_model(1), out_dir, step=2)  # older: must not be picked
-    save_checkpoint_layout(tiny_model(2), out_dir, step=5)
+    checkpoints.save_weights(out_dir, 2, tiny_model(1))  # older: must not be picked
+    checkpoints.save_weights(out_dir, 5, tiny_model(2))
     return {"hf": root / "hf", "run": out_dir, "step": out_dir / "ckpt" / "step_0000005"}
 
 
@@ -295,3 +288,19 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_sample_imports_neither_train_nor_accelerate():
+    code = "import sys, sample; print(sorted(m for m in ('train', 'accelerate') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_missing_tokenizer_is_one_line(dirs, tmp_path):
+    (tmp_path / "empty_cache").mkdir()
+    proc = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(dirs["hf"])], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
+                               "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: could not load the GPT-2 tokenizer") and "TIKTOKEN_CACHE_DIR" in proc.stderr

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,11 +17,11 @@ from accelerate.state import AcceleratorState
 import checkpoints
 import train
 from model import GPT, GPTConfig
-from shards import ShardLoader, list_shards, write_shard
+from shards import ShardLoader, list_shards
 from errors import DivergenceError
 from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
 
-from conftest import ROOT, TINY, VOCAB, env as _env, failure, tiny_args
+from conftest import ROOT, VOCAB, env as _env, failure, tiny_args
 
 
 def read_log(out_dir):
@@ -290,3 +289,20 @@ def test_chunked_and_full_heads_train_alike(data_dir, tmp_path):
     np.testing.assert_allclose(train_losses(tmp_path / "chunked"), train_losses(tmp_path / "full"), rtol=0, atol=1e-4)
     val = [[r["val_loss"] for r in read_log(tmp_path / run) if "val_loss" in r] for run in ("chunked", "full")]
     np.testing.assert_allclose(val[0], val[1], rtol=0, atol=1e-4)
+
+
+def test_compiled_run_saves_plain_gpt2_weights_and_resumes(data_dir, tmp_path):
+    """compile=true: Accelerate compiles the prepared model; checkpoints still hold GPT-2's names
+    (no torch.compile prefix) and the trained weights, and a compiled run resumes from them."""
+    from safetensors.torch import load_file
+
+    common = ["--compile=true", "--lr_decay_steps=6", "--eval_steps=1"]
+    model, _ = train.main(tiny_args(data_dir, tmp_path / "run", "--max_steps=2", *common))
+    ckpt = checkpoints.latest(tmp_path / "run")
+    assert not [k for k in load_file(ckpt / "model.safetensors") if "_orig_mod" in k]
+    reloaded = GPT.from_pretrained(ckpt)
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    _, state = train.main(tiny_args(data_dir, tmp_path / "run", "--max_steps=3", "--init_from=resume", *common))
+    assert state["step"] == 3 and math.isfinite(state["loss"])

