@@ -343,10 +343,11 @@ class TrainState:
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_state_dict(cls, meta: dict) -> "TrainState":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in meta.items() if k in known})
+    def load_state_dict(self, meta: dict) -> None:
+        """Take the fields a checkpoint's meta.json holds (it holds more: `files`)."""
+        for f in dataclasses.fields(self):
+            if f.name in meta:
+                setattr(self, f.name, meta[f.name])
 
 
 @dataclass
@@ -479,7 +480,9 @@ def select_resume(cfg: TrainConfig, log) -> Resume:
     if chosen[0] != ckpt.name:
         raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
                               f"is {cfg.out_dir} on a file system every machine shares?")
-    return Resume(ckpt, TrainState.from_state_dict(meta), train_config, model)
+    state = TrainState()
+    state.load_state_dict(meta)
+    return Resume(ckpt, state, train_config, model)
 
 
 # ------------------------------------------------------------------------- setup
