@@ -37,15 +37,16 @@ from model import GPT, IGNORE_INDEX
 def window_losses(model: GPT, batches: Iterable[torch.Tensor], device: torch.device, autocast) -> tuple[float, int]:
     """Sum of the per-token cross-entropy (nats) over batches of token windows, and the number
     of tokens scored. Each batch is (B, T + 1) int64: inputs are its first T columns, targets its
-    last T."""
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    last T. `model` may be wrapped (DDP, FSDP, compiled): it is only called. train.py's evals
+    and eval.py --task val both go through here."""
+    total, count = 0.0, 0
     for tokens in batches:
         tokens = tokens.to(device)
         with autocast:
             _, loss = model(tokens[:, :-1], tokens[:, 1:], reduction="sum")
-        total += loss.double()
+        total += loss.item()  # a float64 sum on the host, whatever the device supports
         count += tokens[:, 1:].numel()
-    return total.item(), count
+    return total, count
 
 
 def bits_per_byte(mean_loss: float, tokens: int, utf8_bytes: int) -> float:

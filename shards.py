@@ -242,13 +242,19 @@ class ShardLoader:
         rows = [self.shards[s][o : o + T1] for s, o in zip(shard, starts)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), each (B, block_size) int64 on the CPU; moves to the next epoch at the end."""
+    def next_windows(self) -> torch.Tensor:
+        """The next micro-batch of windows, (B, block_size + 1) int64 on the CPU; moves to the next
+        epoch at the end."""
         tokens = self.read_windows(self.window_ids())  # (B, T + 1)
         self.micro_step += 1
         if self.micro_step == self.steps_per_epoch:
             self.epoch += 1
             self.micro_step = 0
+        return tokens
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), each (B, block_size) int64 on the CPU: inputs and next-token targets."""
+        tokens = self.next_windows()
         return tokens[:, :-1], tokens[:, 1:]
 
     def rewind(self) -> None:

@@ -601,16 +601,15 @@ class StopSignal:
 
 @torch.no_grad()
 def evaluate(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: int) -> float:
-    """Mean loss over the same eval_steps micro-batches every time, averaged over processes."""
+    """Mean loss per token over the same eval_steps micro-batches every time (evaluation.py's
+    window_losses, as eval.py --task val computes it), over every process's windows."""
     model.eval()
     loader.rewind()
-    total = torch.zeros((), device=accelerator.device)
-    for _ in range(eval_steps):
-        x, y = loader.next_batch()
-        _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
-        total += loss.float()
+    batches = (loader.next_windows() for _ in range(eval_steps))
+    total, count = evaluation.window_losses(model, batches, accelerator.device, contextlib.nullcontext())
     model.train()
-    return accelerator.reduce(total / eval_steps, reduction="mean").item()
+    sums = accelerator.reduce(torch.tensor([total, count], device=accelerator.device), reduction="sum")
+    return (sums[0] / sums[1]).item()
 
 
 def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accelerator,
