@@ -38,7 +38,6 @@ TRAIN_CONFIG_FILE = "train_config.json"
 HF_CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TMP_PREFIX = ".tmp_"
-DAMAGED_PREFIX = "damaged_"  # a checkpoint resume skipped, moved aside (never deleted) for a look
 _STEP_DIR = re.compile(r"step_(\d{7})")
 
 T = TypeVar("T")
@@ -178,19 +177,6 @@ def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, w
             continue
         return ckpt, meta, loaded
     raise CheckpointError(f"no loadable checkpoint in {path}: " + "; ".join(failures))
-
-
-def move_aside(ckpt: Path) -> Path:
-    """Rename a damaged checkpoint to damaged_step_XXXXXXX (a free name): out of every listing,
-    kept for inspection. Returns the new path."""
-    target = ckpt.with_name(DAMAGED_PREFIX + ckpt.name)
-    n = 1
-    while target.exists():
-        n += 1
-        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}.{n}")
-    ckpt.rename(target)
-    atomic.fsync_dir(ckpt.parent)
-    return target
 
 
 def finish(tmp: Path, final: Path, meta: dict) -> None:

@@ -498,8 +498,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     while the chunk's logits are at hand, and backward only scales them: three matmuls per chunk
     instead of four. For "none", backward recomputes each chunk's logits.
 
-    The plain-PyTorch reference for torch.nn.functional.linear_cross_entropy (torch >= 2.13),
-    which `linear_cross_entropy` below uses where it is measured faster.
+    A plain-PyTorch counterpart of torch.nn.functional.linear_cross_entropy (torch >= 2.13);
+    `linear_cross_entropy` below uses it for bf16/fp16 inputs and where torch lacks that op.
     Inputs: h (N, C), weight (V, C), targets (N,) int64 with -100 = not scored.
     """
 
@@ -517,14 +517,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, C)
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (h[rows] @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            logits, lse = _chunk_logits(h[rows], weight)
             picked = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # (n,)
             losses[rows] = torch.where(scored[rows], lse - picked, 0.0)
             if precompute:
-                d_logits = _softmax_minus_onehot_(logits, lse, safe_targets[rows], scored[rows]).to(h.dtype)
-                grad_h[rows] = d_logits @ weight  # (n, C)
-                grad_w += (d_logits.T @ h[rows]).float()  # (V, C)
+                _chunk_gradients_(logits, lse, h[rows], weight, safe_targets[rows], scored[rows], grad_h[rows], grad_w)
         n_scored = scored.sum()
         ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
         if precompute:
@@ -549,21 +546,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, h.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            logits = (h[rows] @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            d_logits = _softmax_minus_onehot_(logits, lse, safe_targets[rows], scored[rows])
-            d_logits = (d_logits * grad_out[rows, None].float()).to(h.dtype)
-            grad_h[rows] = d_logits @ weight
-            grad_w += (d_logits.T @ h[rows]).float()
+            logits, lse = _chunk_logits(h[rows], weight)
+            _chunk_gradients_(logits, lse, h[rows], weight, safe_targets[rows], scored[rows] * grad_out[rows].float(),
+                              grad_h[rows], grad_w)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
-def _softmax_minus_onehot_(logits, lse, targets, scored):
-    """dloss/dlogits of each row's cross-entropy, in place of `logits` (n, V): softmax - onehot,
-    zero for rows that are not scored."""
-    probs = logits.sub_(lse[:, None]).exp_()
-    probs[torch.arange(len(targets), device=logits.device), targets] -= 1.0
-    return probs.mul_(scored[:, None])
+def _chunk_logits(h_rows: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's logits (n, V) in fp32, from a matmul in the inputs' dtype, and their logsumexp (n,)."""
+    logits = (h_rows @ weight.T).float()
+    return logits, torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_gradients_(logits, lse, h_rows, weight, targets, row_scale, grad_h_rows, grad_w) -> None:
+    """Backpropagate one chunk: dloss/dlogits = (softmax - onehot) x row_scale (n,), computed in
+    place of `logits`; writes dloss/dh into grad_h_rows (n, C) and adds dloss/dweight to grad_w
+    (V, C, fp32). row_scale is 0 for rows that are not scored."""
+    d_logits = logits.sub_(lse[:, None]).exp_()  # softmax
+    d_logits[torch.arange(len(targets), device=logits.device), targets] -= 1.0
+    d_logits = d_logits.mul_(row_scale[:, None]).to(h_rows.dtype)
+    grad_h_rows.copy_(d_logits @ weight)
+    grad_w += (d_logits.T @ h_rows).float()
 
 
 def cpu_chunk_rows(n_embd: int, dtype: torch.dtype) -> int:
@@ -584,16 +587,17 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     -100 = not scored. reduction: "mean" (over scored rows), "sum" or "none" ((N,), 0 where not
     scored). Under autocast the matmuls run in the autocast dtype; the loss is always fp32.
     impl: "torch" (torch.nn.functional.linear_cross_entropy, torch >= 2.13), "own"
-    (ChunkedLinearCrossEntropy), or None: PyTorch's op where it is present and measured faster
-    (everything but bf16 on the CPU, where PyTorch's op upcasts its matmuls to fp32), else our
-    own. chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU; elsewhere PyTorch's own
-    per-device pick for its op, 1,024 for ours).
+    (ChunkedLinearCrossEntropy), or None: PyTorch's op for fp32 inputs where it is present (it
+    was measured faster there), our own otherwise. In bf16/fp16 PyTorch's op returns the losses
+    rounded to that dtype (and on the CPU upcasts its matmuls to fp32, measured slower), while
+    ours returns fp32 losses. chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU;
+    elsewhere PyTorch's own per-device pick for its op, 1,024 for ours).
     """
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     h, weight = h.to(dtype), weight.to(dtype)
     if impl is None:
-        impl = "torch" if hasattr(F, "linear_cross_entropy") and not (device == "cpu" and dtype != torch.float32) else "own"
+        impl = "torch" if hasattr(F, "linear_cross_entropy") and dtype == torch.float32 else "own"
     if chunk_rows is None and device == "cpu":
         chunk_rows = cpu_chunk_rows(h.shape[-1], dtype)
     with torch.autocast(device, enabled=False):

@@ -534,7 +534,7 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
     At most 2 x num_workers batches of ~BATCH_CHARS characters are in flight, so memory does not
     grow with the corpus. Raises TokenizerError if the tokenizer cannot be loaded.
     """
-    gpt2_tokenizer()  # loaded here, so a missing tokenizer file is one clear error before any worker starts
+    gpt2_tokenizer()  # loaded in this process before the workers fork, so they inherit it
     hash_key = f"prepare_data split seed {seed}".encode()
     pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=worker_context(), initializer=_worker_start,
                                initargs=(os.getpid(),))
