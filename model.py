@@ -544,9 +544,9 @@ _cpu_workspace = threading.local()
 
 def _chunk_buffer(rows: int, V: int, device: torch.device) -> torch.Tensor:
     """A (rows, V) fp32 buffer for one chunk's logits. On the CPU one buffer per thread is kept
-    between calls and grown as needed (at most one chunk: 51 MB at small.py's shape, 206 MB for
-    GPT-2 124M in fp32): a fresh one over 32 MB comes from mmap, and page-faulting it in again on
-    every call cost ~4% of a small.py training step (measured). Elsewhere (and while compiling)
+    between calls and grown as needed (one chunk of fp32 logits: 103 MB for 512 rows of GPT-2's
+    vocabulary): a fresh one over 32 MB comes from mmap, and page-faulting it in again on every
+    call cost ~4% of a small.py training step (measured). Elsewhere (and while compiling)
     the allocator already reuses memory, so a fresh tensor is taken."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(rows, V, dtype=torch.float32, device=device)
@@ -576,7 +576,8 @@ def _chunked_pass(h, weight, targets, chunk_size: int, row_scale: torch.Tensor |
     low = h.dtype != torch.float32  # bf16/fp16: matmuls in that dtype, softmax in fp32
     grad_w = None
     if grads:  # in fp32 the first chunk writes it (torch.mm(out=)) and the others add to it
-        grad_w = (torch.empty if N and not low else torch.zeros)(weight.shape, dtype=torch.float32, device=weight.device)
+        make = torch.empty if N and not low else torch.zeros
+        grad_w = make(weight.shape, dtype=torch.float32, device=weight.device)
     buffer = _chunk_buffer(min(chunk_size, N), V, h.device)  # one for every chunk
     for start in range(0, N, chunk_size):
         rows = slice(start, start + chunk_size)
@@ -630,10 +631,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     -100 = not scored. reduction: "mean" (over scored rows), "sum" or "none" ((N,), 0 where not
     scored). Under autocast the matmuls run in the autocast dtype; the loss is always fp32.
     impl: "torch" (torch.nn.functional.linear_cross_entropy, torch >= 2.13), "own"
-    (ChunkedLinearCrossEntropy), or None: our own on the CPU (measured as fast as PyTorch's op in
-    fp32 and 2x as fast in bf16, `python bench.py head`); elsewhere PyTorch's op for fp32 inputs
+    (ChunkedLinearCrossEntropy), or None: our own on the CPU (measured 1.03-1.15x PyTorch's op in
+    fp32 and 2.4-2.8x in bf16, `python bench.py head`); elsewhere PyTorch's op for fp32 inputs
     where it is present, our own otherwise. In bf16/fp16 PyTorch's op returns the losses rounded
-    to that dtype (and on the CPU upcasts its matmuls to fp32), while ours returns fp32 losses. chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU;
+    to that dtype (and on the CPU upcasts its matmuls to fp32), while ours returns fp32 losses.
+    chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU;
     elsewhere PyTorch's own per-device pick for its op, 1,024 for ours).
     """
     device = h.device.type
