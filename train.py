@@ -40,7 +40,7 @@ import devices
 import evaluation
 import shards
 from errors import CheckpointError, ConfigError, DivergenceError, ShardError, exit_status
-from model import GPT, GPTConfig
+from model import ATTENTION_IMPLS, GPT, LOSS_IMPLS, GPTConfig
 from shards import ShardLoader, list_shards
 from tokenizer import gpt2_tokenizer
 
@@ -227,8 +227,8 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1={cfg.beta1}, beta2={cfg.beta2} must be in [0, 1)")
     need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 disables)")
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision={cfg.mixed_precision!r} must be one of {MIXED_PRECISION}")
-    need(cfg.attention in ("sdpa", "manual"), f"attention={cfg.attention!r} must be 'sdpa' or 'manual'")
-    need(cfg.loss_impl in ("chunked", "full"), f"loss_impl={cfg.loss_impl!r} must be 'chunked' or 'full'")
+    need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r} must be one of {ATTENTION_IMPLS}")
+    need(cfg.loss_impl in LOSS_IMPLS, f"loss_impl={cfg.loss_impl!r} must be one of {LOSS_IMPLS}")
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
     need(cfg.hellaswag_limit >= 0, f"hellaswag_limit={cfg.hellaswag_limit} must be >= 0 (0: every example)")
     need(not cfg.hellaswag_data or Path(cfg.hellaswag_data).exists(),
