@@ -626,8 +626,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     -100 = not scored. reduction: "mean" (over scored rows), "sum" or "none" ((N,), 0 where not
     scored). Under autocast the matmuls run in the autocast dtype; the loss is always fp32.
     impl: "torch" (torch.nn.functional.linear_cross_entropy, torch >= 2.13), "own"
-    (ChunkedLinearCrossEntropy), or None: our own on the CPU (measured 1.03-1.15x PyTorch's op in
-    fp32 and 2.4-2.8x in bf16, `python bench.py head`); elsewhere PyTorch's op for fp32 inputs
+    (ChunkedLinearCrossEntropy), or None: our own on the CPU (measured 1.04-1.17x PyTorch's op in
+    fp32 and 2.2-2.8x in bf16, `python bench.py head`); elsewhere PyTorch's op for fp32 inputs
     where it is present, our own otherwise. In bf16/fp16 PyTorch's op returns the losses rounded
     to that dtype (and on the CPU upcasts its matmuls to fp32), while ours returns fp32 losses.
     chunk_rows: rows per chunk (default: cpu_chunk_rows on the CPU;
