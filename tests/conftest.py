@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,25 @@ def run_command(*argv, env_extra: dict | None = None, timeout: int = 300) -> sub
     """`python <argv>` in the project root, as a user would run it."""
     return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env={**env(), **(env_extra or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(*argv, nproc: int = 2, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node NPROC <argv>` in the project root, with ACCELERATE_USE_CPU=1
+    unless env_extra sets it to None. --standalone takes a free port, so runs that overlap (another
+    checkout's tests on the same machine) never join each other. A run past `timeout` is killed with
+    its workers, and the test fails showing what it printed."""
+    environment = {k: v for k, v in {**env(), **(env_extra or {})}.items() if v is not None}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, argv)]
+    with subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun {' '.join(map(str, argv))} did not finish in {timeout} s\n"
+                        f"--- stdout tail ---\n{stdout[-3000:]}\n--- stderr tail ---\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:

@@ -1,11 +1,15 @@
-"""Run train.main() under torchrun and record, per process, which train windows it read and the
-weights it ended with (tests/test_train.py compares them). Usage: ddp_worker.py OUT_DIR ARGS..."""
+"""Run train.main() under torchrun and record, per process, which train windows it read, the
+weights it ended with, and how many DDP wrappers were still alive when the process group was
+destroyed (tests/test_train.py checks them). Usage: ddp_worker.py OUT_DIR ARGS..."""
 
+import gc
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed
+from torch.nn.parallel import DistributedDataParallel
 
 import train
 from shards import ShardLoader
@@ -13,6 +17,8 @@ from shards import ShardLoader
 record_dir = Path(sys.argv[1])
 window_ids = []
 read_window_ids = ShardLoader.window_ids
+destroy_process_group = torch.distributed.destroy_process_group
+ddp_alive_at_destroy = []
 
 
 def recording_window_ids(self):
@@ -22,7 +28,15 @@ def recording_window_ids(self):
     return ids
 
 
+def counting_destroy_process_group(group=None):
+    # gc.get_objects() also lists garbage not collected yet: a wrapper in a reference cycle counts
+    ddp_alive_at_destroy.append(sum(type(o) is DistributedDataParallel for o in gc.get_objects()))
+    destroy_process_group(group)
+
+
 ShardLoader.window_ids = recording_window_ids
+torch.distributed.destroy_process_group = counting_destroy_process_group
 model, _ = train.main(sys.argv[2:])
 record_dir.mkdir(parents=True, exist_ok=True)
-torch.save({"window_ids": window_ids, "weights": model.state_dict()}, record_dir / f"rank{os.environ['RANK']}.pt")
+torch.save({"window_ids": window_ids, "weights": model.state_dict(), "ddp_alive_at_destroy": ddp_alive_at_destroy},
+           record_dir / f"rank{os.environ['RANK']}.pt")

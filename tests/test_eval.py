@@ -5,8 +5,6 @@ fixtures are written here; nothing is downloaded."""
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import checkpoints
 import evaluation
 import prepare_data
 import train
-from conftest import ROOT, assert_one_line_error, env, failure, run_command, tiny_args
+from conftest import assert_one_line_error, failure, run_command, tiny_args, torchrun
 from eval import main
 from model import GPT, GPTConfig
 from tokenizer import gpt2_tokenizer
@@ -265,9 +263,7 @@ def test_hellaswag_during_training_matches_across_process_counts(gpt2_tokens, he
     common = ["--vocab_size=50257", f"--hellaswag_data={hellaswag_jsonl}", "--max_steps=2", "--lr_decay_steps=6",
               "--eval_interval=2", "--micro_batch_size=2", "--grad_accum_steps=1", "--eval_steps=1"]
     train.main(tiny_args(gpt2_tokens, tmp_path / "one", *common))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551",
-                           "train.py", *tiny_args(gpt2_tokens, tmp_path / "two", *common)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("train.py", *tiny_args(gpt2_tokens, tmp_path / "two", *common))
     assert proc.returncode == 0, failure(proc)
     figures = {}
     for run in ("one", "two"):

@@ -4,13 +4,12 @@ elsewhere: one process, full sharding, a full state dict for the checkpoint's we
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import checkpoints
-from conftest import ROOT, env, failure, tiny_args
+from conftest import failure, tiny_args, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate runs FSDP only on GPUs")
 
@@ -26,9 +25,7 @@ FSDP_ENV = {
 
 
 def torchrun_fsdp(args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29561",
-                           "train.py", *map(str, args)], cwd=ROOT, env={**env(), **FSDP_ENV},
-                          capture_output=True, text=True, timeout=600)
+    return torchrun("train.py", *args, nproc=1, env_extra=FSDP_ENV, timeout=600)
 
 
 def test_fsdp_trains_saves_gpt2_weights_and_resumes(data_dir, tmp_path):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import atomic
 import checkpoints
+import conftest
 import train
 from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, run_command, tiny_args, wait_until
 from errors import ConfigError, DivergenceError, ShardError
@@ -38,13 +39,9 @@ def losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train.read_log(out_dir / "log.jsonl") if "loss" in r}
 
 
-def torchrun(args, port: int, **env_extra) -> subprocess.CompletedProcess:
+def torchrun(args, **env_extra) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 train.py ARGS` (with ACCELERATE_USE_CPU=1 unless env_extra drops it)."""
-    environment = {**env(), **env_extra}
-    environment = {k: v for k, v in environment.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", "train.py", *map(str, args)],
-                          cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    return conftest.torchrun("train.py", *args, env_extra=env_extra)
 
 
 def all_finite(ckpt) -> bool:
@@ -190,7 +187,7 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(data_dir
     reference = losses(tmp_path / "ref")
 
     # 2 -> 1: the config still says grad_accum_steps=1, which would halve the global batch
-    first = torchrun(tiny_args(data_dir, tmp_path / "a", *common, "--grad_accum_steps=1", "--max_steps=4"), 29541)
+    first = torchrun(tiny_args(data_dir, tmp_path / "a", *common, "--grad_accum_steps=1", "--max_steps=4"))
     assert first.returncode == 0, failure(first)
     assert "DDP over gloo, 2 processes" in first.stdout
     main(*tiny_args(data_dir, tmp_path / "a", *common, "--grad_accum_steps=1", "--init_from=resume"))
@@ -200,7 +197,7 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(data_dir
     # 1 -> 2, with an FSDP request that Accelerate can only honour on GPUs: the start line says what runs
     main(*tiny_args(data_dir, tmp_path / "b", *common, "--grad_accum_steps=2", "--max_steps=4"))
     second = torchrun(tiny_args(data_dir, tmp_path / "b", *common, "--grad_accum_steps=2", "--init_from=resume"),
-                      29542, ACCELERATE_USE_FSDP="true")
+                      ACCELERATE_USE_FSDP="true")
     assert second.returncode == 0, failure(second)
     assert "grad_accum_steps=1 keeps the checkpoint's 256 tokens per step" in second.stdout
     assert "FSDP was requested" in second.stdout and "DDP over gloo, 2 processes" in second.stdout
@@ -219,7 +216,7 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(data_dir
 
 
 def test_torchrun_without_gpus_or_cpu_flag_stops_at_once(data_dir, tmp_path):
-    proc = torchrun(tiny_args(data_dir, tmp_path / "run"), 29543, ACCELERATE_USE_CPU=None)
+    proc = torchrun(tiny_args(data_dir, tmp_path / "run"), ACCELERATE_USE_CPU=None)
     assert proc.returncode != 0
     assert "error: the launcher started 2 processes (WORLD_SIZE=2)" in proc.stderr
     assert "ACCELERATE_USE_CPU=1" in proc.stderr

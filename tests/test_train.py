@@ -21,7 +21,7 @@ from shards import ShardLoader, list_shards
 from errors import DivergenceError
 from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
 
-from conftest import ROOT, VOCAB, env as _env, failure, tiny_args
+from conftest import ROOT, VOCAB, env as _env, failure, tiny_args, torchrun
 
 
 def read_log(out_dir):
@@ -237,15 +237,12 @@ def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
 def test_two_processes_match_one(data_dir, tmp_path):
     """torchrun with 2 processes (gloo DDP) and micro-batch 2 sees, per step, the same windows
     as 1 process accumulating 2 micro-batches of 2: the losses agree, the processes read
-    disjoint windows and end with identical weights."""
+    disjoint windows and end with identical weights. Each has freed its DDP wrapper before the
+    process group is destroyed (the wrapper's last reference to it could hang the exit)."""
     common = ["--max_steps=6", "--lr_decay_steps=6", "--log_interval=1", "--eval_interval=6",
               "--micro_batch_size=2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ranks"),
-         *tiny_args(data_dir, tmp_path / "ddp", *common, "--grad_accum_steps=1")],
-        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    result = torchrun(ROOT / "tests" / "ddp_worker.py", tmp_path / "ranks",
+                      *tiny_args(data_dir, tmp_path / "ddp", *common, "--grad_accum_steps=1"))
     assert result.returncode == 0, failure(result)
     train.main(tiny_args(data_dir, tmp_path / "single", *common, "--grad_accum_steps=2"))
 
@@ -256,6 +253,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     assert not set(rank0["window_ids"]) & set(rank1["window_ids"])
     for name in rank0["weights"]:
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
+    assert rank0["ddp_alive_at_destroy"] == rank1["ddp_alive_at_destroy"] == [0]
 
 
 def test_sigterm_saves_a_loadable_checkpoint(data_dir, tmp_path):
