@@ -510,7 +510,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # no_grad mode, and needs_input_grad is set under torch.no_grad() too).
         scored = targets != IGNORE_INDEX  # (N,)
         precompute = grad_enabled and reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        losses, grad_h, grad_w = _chunked_pass(h, weight, targets, chunk_size, scored.float() if precompute else None)
+        losses, grad_h, grad_w = _chunked_pass(h, weight, targets, scored, chunk_size, scored.float() if precompute else None)
         n_scored = scored.sum()
         ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
         if precompute:
@@ -534,8 +534,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # In place: no second (V, C) tensor per step.
             return grad_h.mul_(scale.to(grad_h.dtype)), grad_w.mul_(scale).to(ctx.weight_dtype), None, None, None, None
         h, weight, targets = ctx.saved_tensors
-        row_scale = (targets != IGNORE_INDEX) * grad_out.float()
-        _, grad_h, grad_w = _chunked_pass(h, weight, targets, ctx.chunk_size, row_scale)
+        scored = targets != IGNORE_INDEX
+        _, grad_h, grad_w = _chunked_pass(h, weight, targets, scored, ctx.chunk_size, scored * grad_out.float())
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
@@ -556,9 +556,9 @@ def _chunk_buffer(rows: int, V: int, device: torch.device) -> torch.Tensor:
     return kept[: rows * V].view(rows, V)
 
 
-def _chunked_pass(h, weight, targets, chunk_size: int, row_scale: torch.Tensor | None):
+def _chunked_pass(h, weight, targets, scored, chunk_size: int, row_scale: torch.Tensor | None):
     """The work of ChunkedLinearCrossEntropy, chunk by chunk: per-row losses (N,) in fp32 (0 where
-    the target is -100) and, when row_scale (N,) is given, the gradients of sum(row_scale * loss)
+    `scored`, targets != -100, is False) and, when row_scale (N,) is given, the gradients of sum(row_scale * loss)
     with respect to h (N, C, h's dtype) and weight (V, C, fp32); else (losses, None, None).
 
     Each chunk's logits go into one reused buffer and become the softmax p in place (PyTorch's
@@ -568,7 +568,6 @@ def _chunked_pass(h, weight, targets, chunk_size: int, row_scale: torch.Tensor |
     over the chunk are the softmax and three matmuls.
     """
     N, V = h.shape[0], weight.shape[0]
-    scored = targets != IGNORE_INDEX
     safe_targets = targets.clamp(min=0)  # valid indices for gather; unscored rows get row_scale 0
     losses = torch.empty(N, dtype=torch.float32, device=h.device)
     grads = row_scale is not None

@@ -65,25 +65,29 @@ def env() -> dict:
 
 def run_command(*argv, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python <argv>` in the project root, as a user would run it."""
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env={**env(), **(env_extra or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return _run([sys.executable, *map(str, argv)], {**env(), **(env_extra or {})}, timeout)
 
 
 def torchrun(*argv, nproc: int = 2, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node NPROC <argv>` in the project root, with ACCELERATE_USE_CPU=1
     unless env_extra sets it to None. --standalone takes a free port, so runs that overlap (another
-    checkout's tests on the same machine) never join each other. A run past `timeout` is killed with
-    its workers, and the test fails showing what it printed."""
+    checkout's tests on the same machine) never join each other."""
     environment = {k: v for k, v in {**env(), **(env_extra or {})}.items() if v is not None}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, argv)]
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                 *map(str, argv)], environment, timeout)
+
+
+def _run(command: list[str], environment: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run `command` in the project root, capturing its output. A run past `timeout` is killed with
+    every process it started (a launcher's workers too), and the test fails showing what it printed."""
     with subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker
+            os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            pytest.fail(f"torchrun {' '.join(map(str, argv))} did not finish in {timeout} s\n"
+            pytest.fail(f"{' '.join(command)} did not finish in {timeout} s\n"
                         f"--- stdout tail ---\n{stdout[-3000:]}\n--- stderr tail ---\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
