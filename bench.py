@@ -294,6 +294,22 @@ def hf_twin(model):
     return hf
 
 
+def print_auto_precision(kind: str, shapes: dict[str, dict]) -> None:
+    """What `auto` (mixed_precision, --dtype) picks at each shape for `kind` ("batched" or
+    "decode") and the two rates it picks by, timed now (devices.measure_bf16, no cache)."""
+    from devices import BF16_MIN_SPEEDUP, Workload, measure_bf16, native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        print("auto precision: fp32 (bf16 is emulated on this CPU: no AVX512-BF16 or AMX, nothing timed)")
+        return
+    for name, shape in shapes.items():
+        start = time.perf_counter()
+        speed = measure_bf16(Workload(kind, shape["n_embd"], shape["n_layer"], 50257))
+        print(f"auto precision at {name} ({kind} matmuls, one core, timed now in {time.perf_counter() - start:.2f} s): "
+              f"fp32 {speed.fp32 / 1e9:.1f} GFLOP/s, bf16 {speed.bf16 / 1e9:.1f} GFLOP/s, bf16 {speed.ratio:.2f}x fp32 "
+              f"-> {'bf16' if speed.bf16_wins else 'fp32'} (bf16 needs {BF16_MIN_SPEEDUP}x)")
+
+
 class _Trainer:
     """One model's training step (forward + backward + fused AdamW), timed step by step."""
 
@@ -364,6 +380,7 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
     peaks["bf16"] = measure_matmul_peak(torch.bfloat16, n=2048 if bf16 else 256, seconds=2.0 if bf16 else 1.0)
     print(f"matmul peak measured now (2048 x 2048): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
           f"{peaks['bf16'] / 1e9:.1f} GFLOP/s ({'native' if bf16 else 'emulated: no AMX / AVX512-BF16 on this CPU'})")
+    print_auto_precision("batched", {"configs/small.py": shape})
     flops_per_token = GPT(GPTConfig(**shape)).flops_per_token(T)
 
     print("\n| setting | ours chunked tok/s (MFU) | ours full tok/s (MFU) | GPT2LMHeadModel tok/s (MFU) | chunked / HF |")
@@ -456,6 +473,7 @@ def bench_sample(new_tokens: int = 128) -> None:
           f"{torch.get_num_threads()} threads on {cpu_name()}")
     bandwidth = measure_bandwidth()
     print(f"memory bandwidth measured now (sum of a 1 GiB fp32 tensor): {bandwidth / 1e9:.1f} GB/s")
+    print_auto_precision("decode", {"small.py": _small_shape(), "GPT-2 124M": GPT2_124M})
     print("\n| shape | ours tokens/s | transformers tokens/s | ours / theirs | same tokens |")
     print("|---|---|---|---|---|")
     for name, shape in (("small.py", _small_shape()), ("GPT-2 124M", GPT2_124M)):
@@ -506,6 +524,7 @@ def bench_eval(examples: int = 200, batch_size: int = 16) -> None:
     tokens = sum(len(e.query) + len(c) for e in chosen for c in e.choices)
     print(f"eval benchmark: {len(chosen)} HellaSwag validation examples ({tokens / len(chosen) / 4:.0f} tokens per "
           f"sequence on average), batches of {batch_size} sequences, {torch.get_num_threads()} threads on {cpu_name()}")
+    print_auto_precision("batched", {"small.py": _small_shape(), "GPT-2 124M": GPT2_124M})
     print("\n| shape | dtype | examples/s | acc_norm (random weights: chance is 0.25) |")
     print("|---|---|---|---|")
     dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(torch.device("cpu")) else [])

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="val: tokens per window (default: the run's training block_size, else the model's context)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
-                   help="auto: bf16 where the device runs bf16 natively, float32 elsewhere")
+                   help="auto: bf16 where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
+                        "timed against float32 at this model's shapes), float32 elsewhere")
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     for name in ("limit", "batch_size", "block_size"):
@@ -101,10 +102,12 @@ def evaluate_hellaswag(model, args, device, dtype) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device = devices.resolve_device(args.device)
-    dtype = devices.resolve_dtype(args.dtype, device)
     directory, _, model = checkpoints.load_latest(
         args.checkpoint, checkpoints.load_model, need_state=False, warn=lambda msg: print(msg, file=sys.stderr))
     model = model.to(device).eval()
+    # scoring runs whole sequences through the model: batched matmuls, as in training
+    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of("batched", model.config),
+                                  log=lambda message: print(message, file=sys.stderr))
     print(f"loaded {directory}: {model.num_params() / 1e6:.2f}M parameters; {device}, "
           f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
     if args.task == "val":

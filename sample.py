@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
-                   help="auto: bf16 autocast where the device runs bf16 natively (CUDA, AMX or AVX512-BF16 CPUs), float32 elsewhere")
+                   help="auto: bf16 autocast where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
+                        "timed against float32 at this model's decoding shapes), float32 elsewhere")
     args = p.parse_args(argv)
 
     if args.num_samples < 1:
@@ -189,11 +190,12 @@ def generate_sample(model: GPT, prompt_ids: list[int], show_prompt: bool, args, 
 def run(args: argparse.Namespace) -> None:
     """Load, encode, generate args.num_samples samples to stdout; report speed on stderr."""
     device = devices.resolve_device(args.device)
-    dtype = devices.resolve_dtype(args.dtype, device)
     enc = gpt2_tokenizer()
     prompt_ids, show_prompt = read_prompt(args.prompt, args.prompt_file, enc)
     model, directory = load_model(args.checkpoint, device)
     cfg = model.config
+    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of("decode", cfg),
+                                  log=lambda message: print(message, file=sys.stderr))
     print(f"loaded {directory}: {model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
           f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, "
           f"vocab_size={cfg.vocab_size}; {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)

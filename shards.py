@@ -95,6 +95,15 @@ def read_shard(path: str | Path) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+def _how_to_make(data_dir: Path) -> str:
+    """The command that makes `data_dir`: the built-in corpus's for its usual name (as `make demo`
+    runs it), else prepare_data.py's general form."""
+    if data_dir.name == "shakespeare":
+        return (f"make it with python prepare_data.py --dataset shakespeare --out {data_dir} "
+                f"(the built-in corpus; make demo does this too)")
+    return f"make it with python prepare_data.py --out {data_dir} and --input FILE..., --hf_dataset NAME or --dataset NAME"
+
+
 def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """The shards of one split in data_dir, in name order.
 
@@ -103,7 +112,7 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ShardError(f"data directory not found: {data_dir}")
+        raise ShardError(f"data directory not found: {data_dir}; {_how_to_make(data_dir)}")
     if (data_dir / INCOMPLETE_MARKER).exists():
         raise ShardError(
             f"{data_dir} is an unfinished prepare_data.py output ({INCOMPLETE_MARKER} is there: the run was "

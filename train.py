@@ -93,7 +93,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (also at the last step)
     keep_last_ckpts: int = 2  # checkpoints kept; older ones are removed
     # speed
-    mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where the device runs it natively)
+    mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where measured clearly faster: devices.py)
     compile: bool = False  # torch.compile (inductor; works on CPU too)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU in the logs; 0: MFU not shown
     # extras
@@ -1004,7 +1004,11 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
             raise
         raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
                           f"{state.num_processes}: {err}") from None
-    cfg.mixed_precision, note = devices.mixed_precision(cfg.mixed_precision, state.device)
+    # "auto" may time bf16 against fp32: the main process decides, so every process trains alike
+    choice = [devices.mixed_precision(cfg.mixed_precision, state.device, devices.Workload.of("batched", cfg))
+              if state.is_main_process else None]
+    broadcast_object_list(choice)  # a no-op with one process
+    cfg.mixed_precision, note = choice[0]
     if note:
         log(note)
     accelerator = make_accelerator(cfg)
