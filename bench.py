@@ -305,7 +305,7 @@ def print_auto_precision(kind: str, shapes: dict[str, dict]) -> None:
     for name, shape in shapes.items():
         start = time.perf_counter()
         speed = measure_bf16(Workload(kind, shape["n_embd"], shape["n_layer"], 50257))
-        print(f"auto precision at {name} ({kind} matmuls, one core, timed now in {time.perf_counter() - start:.2f} s): "
+        print(f"auto precision at {name} ({kind} matmuls, {torch.get_num_threads()} threads, timed now in {time.perf_counter() - start:.2f} s): "
               f"fp32 {speed.fp32 / 1e9:.1f} GFLOP/s, bf16 {speed.bf16 / 1e9:.1f} GFLOP/s, bf16 {speed.ratio:.2f}x fp32 "
               f"-> {'bf16' if speed.bf16_wins else 'fp32'} (bf16 needs {BF16_MIN_SPEEDUP}x)")
 

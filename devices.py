@@ -37,7 +37,7 @@ CACHE_FILE = "precision.json"
 TIMED_ROWS = 256  # rows of the timed batched matmuls: a step-sized slice of B*T tokens
 TIMED_FLOPS = 1 << 28  # FLOPs of one timed batched matmul at most: a few ms, compute-bound at any width
 TIMED_DECODE_WEIGHTS = 1 << 24  # weights of the timed decode head at most (64 MB in fp32): past any cache
-TIMED_REPS = 6  # timed calls per matmul and dtype, after one warm-up; the fastest counts
+TIMED_REPS = 8  # timed calls per matmul and dtype, after one warm-up; the fastest counts
 TIMED_BUDGET_S = 0.05  # per matmul shape: fewer calls once the timed ones have taken this long
 
 _measured: dict[str, "Bf16Speed"] = {}  # this process's measurements, by Workload.key()
@@ -130,12 +130,13 @@ def bf16_works(device: torch.device) -> bool:
 
 
 def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype) -> Callable[[], object]:
-    """One F.linear of (rows, in) by an (out, in) weight in dtype, ready to call. Constant inputs:
+    """One F.linear of (rows, in) by an (out, in) weight in dtype, ready to call, as autocast runs
+    it: the fp32 input is cast to bf16 in every call, the weight once beforehand. Constant inputs:
     the speed does not depend on the values, and filling is much cheaper than randn at 124M's head."""
     rows, n_in, n_out = shape
-    x = torch.full((rows, n_in), 0.5, dtype=dtype)
+    x = torch.full((rows, n_in), 0.5)
     weight = torch.full((n_out, n_in), 0.01, dtype=dtype)
-    return lambda: F.linear(x, weight)
+    return lambda: F.linear(x.to(dtype), weight)
 
 
 def measure_bf16(workload: Workload, make_call: Callable = _linear_call,
@@ -144,18 +145,15 @@ def measure_bf16(workload: Workload, make_call: Callable = _linear_call,
     """Time fp32 against bf16 at `workload`'s matmuls on the CPU, in well under a second.
 
     Each shape is called once per dtype to warm up, then up to `reps` times per dtype in turn (so
-    both see the same background load; at least twice, fewer once a shape has taken budget_s),
-    and its fastest call counts: on a shared machine noise only ever adds time. The rates are
-    FLOPs per token over the time per token that mix of shapes takes.
+    both see the same background load; at least 3 times, fewer once a shape has taken budget_s),
+    and its fastest call counts: on a shared machine noise only ever adds time. It runs with the
+    threads torch uses, as the work will: on a busy machine small bf16 ops can lose more time
+    waiting for every thread than they save. The rates are FLOPs per token over the time per
+    token that mix of shapes takes.
     make_call(shape, dtype) -> a function running that matmul once; timer() -> seconds.
     """
     seconds = {torch.float32: 0.0, torch.bfloat16: 0.0}  # per token
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core's speed: threads waiting on a busy core's turn would decide otherwise
-    try:
-        _time_matmuls(workload, make_call, timer, reps, budget_s, seconds)
-    finally:
-        torch.set_num_threads(threads)
+    _time_matmuls(workload, make_call, timer, reps, budget_s, seconds)
     flops = sum(flops_per_token for _, flops_per_token in workload.matmuls())
     return Bf16Speed(fp32=flops / seconds[torch.float32], bf16=flops / seconds[torch.bfloat16])
 
@@ -171,7 +169,7 @@ def _time_matmuls(workload: Workload, make_call: Callable, timer: Callable[[], f
             best = {dtype: math.inf for dtype in seconds}
             spent = 0.0
             for rep in range(reps):
-                if rep >= 2 and spent > budget_s:
+                if rep >= 3 and spent > budget_s:
                     break
                 for dtype, call in calls.items():
                     start = timer()

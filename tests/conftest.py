@@ -32,6 +32,15 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """Where devices.py keeps measured bf16/fp32 rates during the tests (and in the commands they
+    run): a temporary directory, never the user's ~/.cache."""
+    directory = tmp_path_factory.mktemp("precision_cache")
+    os.environ["GPT2_ACCELERATE_CACHE_DIR"] = str(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A learnable corpus: a fixed random Markov chain over 256 ids, 4 successors per id.
