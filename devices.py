@@ -142,7 +142,7 @@ def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype) -> Callable[[]
 def measure_bf16(workload: Workload, make_call: Callable = _linear_call,
                  timer: Callable[[], float] = time.perf_counter, reps: int = TIMED_REPS,
                  budget_s: float = TIMED_BUDGET_S) -> Bf16Speed:
-    """Time fp32 against bf16 at `workload`'s matmuls on the CPU, in well under a second.
+    """Time fp32 against bf16 at `workload`'s matmuls on the CPU, in a fraction of a second.
 
     Each shape is called once per dtype to warm up, then up to `reps` times per dtype in turn (so
     both see the same background load; at least 3 times, fewer once a shape has taken budget_s),
