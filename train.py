@@ -415,7 +415,8 @@ def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainC
         accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
         full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
         if accelerator.is_main_process:
-            raw_model.save_pretrained(tmp, state_dict=full_weights)
+            raw_model.save_pretrained(tmp, state_dict=full_weights,
+                                      training={**state.state_dict(), "train_config": dataclasses.asdict(cfg)})
             (tmp / checkpoints.TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 -- raised by _agree_or_raise once every process knows
         error = err
