@@ -15,7 +15,7 @@ import checkpoints
 import hf_extras
 import sample
 import train
-from conftest import TINY
+from conftest import TINY, assert_one_line_error, run_command
 from model import GPT, GPTConfig
 from prepare_data import read_shakespeare, shakespeare_play_files
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_tokenizer
@@ -175,3 +175,14 @@ def test_toy_vocabulary_gets_no_tokenizer(tmp_path):
     assert "not GPT-2's, so no tokenizer is included" in card
     assert f"{model.num_params() / 1e6:.2f}M parameters" in card
     assert hf_extras.MODEL_CARD_FILE == "README.md"
+
+
+def test_training_without_the_tokenizer_file_stops_before_it_starts(run, tmp_path):
+    """Checkpoints need GPT-2's tokenizer, so offline without its file train.py says so at once
+    (one line naming TIKTOKEN_CACHE_DIR) instead of failing at its first save."""
+    (tmp_path / "empty_cache").mkdir()
+    proc = run_command("train.py", TINY, f"--data_dir={run.parent / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                       "--block_size=32", env_extra={"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
+                                                     "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert_one_line_error(proc, "could not load the GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
+    assert not checkpoints.list_checkpoints(tmp_path / "out") and "loss" not in proc.stdout + proc.stderr, proc.stdout
