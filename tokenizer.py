@@ -5,6 +5,9 @@ file, so it is what we load. tiktoken looks for that file in TIKTOKEN_CACHE_DIR,
 it on first use. If TIKTOKEN_CACHE_DIR is unset and this project has a `.cache/tiktoken`
 folder (the Makefile fills it from ../shared/tiktoken_cache when that exists), that folder is
 used, so a machine without internet works after `make`.
+
+`hf_tokenizer_files` turns the same ranks into the files transformers' AutoTokenizer reads
+(vocab.json, merges.txt, tokenizer.json...), which every checkpoint carries (hf_extras.py).
 """
 
 from __future__ import annotations
