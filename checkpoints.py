@@ -4,6 +4,8 @@ checkpoints. train.py writes through it; sample.py, eval.py and the tests read t
     out_dir/ckpt/step_0000500/
         config.json          \\ a Hugging Face GPT-2 directory: sample.py, init_from and
         model.safetensors    /  transformers load it as it is (weights of the unwrapped model)
+        tokenizer.json, ...  GPT-2's tokenizer, generation_config.json and the model card README.md
+                             (hf_extras.py): for other tools; nothing here reads them back
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
         train_config.json    the effective TrainConfig of the run
         meta.json            written last: the training state (step, tokens seen, loader position,

@@ -467,22 +467,32 @@ class GPT(nn.Module):
             out[key] = tensor.contiguous().cpu()
         return out
 
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads.
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        training: dict | None = None) -> None:
+        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads, and
+        the files that make the directory complete for the rest of the ecosystem (hf_extras.py:
+        GPT-2's tokenizer, generation_config.json, a model card).
 
-        state_dict: as for `hf_state_dict`. Each file is published with atomic.atomic_path
-        (temporary name, fsync, rename), so neither is ever half-written.
+        state_dict: as for `hf_state_dict`. training: the trainer's facts for the model card (see
+        hf_extras.extra_files). Each file is published with atomic.atomic_path (temporary name,
+        fsync, rename), so none is ever half-written.
         Raises ValueError for a model GPT-2's format cannot express (bias=False).
         """
         from safetensors.torch import save_file
+
+        import hf_extras
 
         if not self.config.bias:
             raise ValueError("GPT-2's Hugging Face format has biases everywhere; bias=False cannot be exported")
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
+        weights = self.hf_state_dict(state_dict)
         with atomic.atomic_path(directory / "model.safetensors") as tmp:
-            save_file(self.hf_state_dict(state_dict), str(tmp), metadata={"format": "pt"})
-        atomic.write_json(directory / "config.json", config_to_hf(self.config))
+            save_file(weights, str(tmp), metadata={"format": "pt"})
+        hf_config = config_to_hf(self.config)
+        atomic.write_json(directory / "config.json", hf_config)
+        # Counted from what is written: under FSDP self's own parameters are only this process's shard.
+        hf_extras.write_extras(directory, hf_config, sum(t.numel() for t in weights.values()), training)
 
 
 # ------------------------------------------------------------------ loss head

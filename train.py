@@ -43,7 +43,7 @@ import shards
 from errors import CheckpointError, ConfigError, DivergenceError, ShardError, exit_status
 from model import ATTENTION_IMPLS, GPT, LOSS_IMPLS, GPTConfig
 from shards import ShardLoader, list_shards
-from tokenizer import gpt2_tokenizer
+from tokenizer import VOCAB_SIZE, gpt2_tokenizer
 
 # --------------------------------------------------------------------------- config
 
@@ -415,7 +415,8 @@ def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainC
         accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
         full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
         if accelerator.is_main_process:
-            raw_model.save_pretrained(tmp, state_dict=full_weights)
+            raw_model.save_pretrained(tmp, state_dict=full_weights,
+                                      training={**state.state_dict(), "train_config": dataclasses.asdict(cfg)})
             (tmp / checkpoints.TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 -- raised by _agree_or_raise once every process knows
         error = err
@@ -813,6 +814,8 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
     check_vocab(cfg.data_dir, train_paths + val_paths, raw_model.config.vocab_size)
+    if raw_model.config.vocab_size >= VOCAB_SIZE:
+        gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_extras.py): fail now, not at the first save
     train_loader = ShardLoader(train_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=True)
     val_loader = ShardLoader(val_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=False)
     if val_loader.steps_per_epoch < cfg.eval_steps:
