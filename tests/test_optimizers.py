@@ -157,7 +157,7 @@ def test_muon_two_processes_match_one_and_learn(data_dir, tmp_path):
     micro-batch 2 follow 1 process accumulating 2 micro-batches of 2, and both ranks end with the
     same weights. The tolerance is looser than AdamW's 1e-5: gradients equal to ~1e-7 can round
     apart in the bf16 Newton-Schulz iteration."""
-    common = ["--max_steps=30", "--lr_decay_steps=30", "--log_interval=1", "--eval_interval=30",
+    common = ["--max_steps=20", "--lr_decay_steps=20", "--log_interval=1", "--eval_interval=20",
               "--micro_batch_size=2", *MUON]
     result = torchrun(ROOT / "tests" / "ddp_worker.py", tmp_path / "ranks",
                       *tiny_args(data_dir, tmp_path / "ddp", *common, "--grad_accum_steps=1"))
@@ -170,7 +170,7 @@ def test_muon_two_processes_match_one_and_learn(data_dir, tmp_path):
     for name in rank0["weights"]:
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
     val = [r["val_loss"] for r in read_log(tmp_path / "single") if "val_loss" in r]
-    assert val[-1] < val[0] - 0.5, val  # from ln(256) = 5.55 towards the corpus's ln(4) = 1.39
+    assert val[-1] < val[0] - 0.2, val  # from ln(256) = 5.55 towards the corpus's ln(4) = 1.39
 
 
 def test_muon_under_fsdp_is_refused(data_dir, tmp_path, monkeypatch):
