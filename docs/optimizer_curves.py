@@ -5,7 +5,7 @@
 Each LABEL=OUT_DIR is a run's out_dir; its log.jsonl gives the val losses (one per eval) and the
 wall time (`elapsed_sec` of the log record at the same step; step 0 is at 0 s). Give the runs the
 same log_interval and eval_interval, with every eval on a logged step. Prints the points as a
-table too. Needs matplotlib (pip install -e ".[plot]").
+table too (the plot leaves out step 0, whose loss would squash the rest). Needs matplotlib (pip install -e ".[plot]").
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for label, points in curves.items():
-        steps, seconds, losses = zip(*points)
+        steps, seconds, losses = zip(*[p for p in points if p[0] > 0])  # step 0 (ln 50257 or so) would squash the rest
         by_time.plot([s / 60 for s in seconds], losses, "o-", label=label)
         by_step.plot(steps, losses, "o-", label=label)
         print(f"{label}: " + ", ".join(f"step {st} ({se:.0f} s) {lo:.3f}" for st, se, lo in points))
