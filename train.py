@@ -5,8 +5,8 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train.py configs/tiny.py
     python train.py --help                # every field with its type, default and meaning
 
-Owns: the config (TrainConfig, load_config, validate), the one Accelerator, AdamW groups, the
-warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
+Owns: the config (TrainConfig, load_config, validate), the one Accelerator, the optimizers (AdamW,
+or Muon + AdamW), the warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
 Accelerate side of checkpoints (their layout, checks and publishing belong to checkpoints.py).
 
 A config file is Python, executed as it is read (as in nanoGPT): trust it like a script.
