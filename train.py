@@ -5,8 +5,8 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train.py configs/tiny.py
     python train.py --help                # every field with its type, default and meaning
 
-Owns: the config (TrainConfig, load_config, validate), the one Accelerator, AdamW groups, the
-warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
+Owns: the config (TrainConfig, load_config, validate), the one Accelerator, the optimizers (AdamW,
+or Muon + AdamW), the warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
 Accelerate side of checkpoints (their layout, checks and publishing belong to checkpoints.py).
 
 A config file is Python, executed as it is read (as in nanoGPT): trust it like a script.
@@ -84,6 +84,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    optimizer: str = "adamw"  # "adamw", or "muon": torch.optim.Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: Optional[float] = None  # Muon's peak rate (the schedule scales it as learning_rate); None: learning_rate
+    muon_adjust_lr: str = "match_rms_adamw"  # Muon's per-matrix rate: "match_rms_adamw" (x 0.2 sqrt(max(A, B))) or "original" (x sqrt(max(1, A/B)))
+    muon_momentum: float = 0.95  # Muon's momentum
+    muon_nesterov: bool = True  # Nesterov momentum in Muon
+    muon_weight_decay: float = 0.0  # Muon's decoupled decay (times its current rate)
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evals (also at step 0 and the last step)
     eval_steps: int = 20  # micro-batches per eval, per process
@@ -103,6 +109,9 @@ class TrainConfig:
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("match_rms_adamw", "original")  # torch.optim.Muon's adjust_lr_fn
+MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
 RUN_FILES = ("config.json", "log.jsonl", "loss.png")  # besides ckpt/: what a run writes into out_dir
 
 
@@ -228,6 +237,20 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1={cfg.beta1}, beta2={cfg.beta2} must be in [0, 1)")
     need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 disables)")
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision={cfg.mixed_precision!r} must be one of {MIXED_PRECISION}")
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer={cfg.optimizer!r} must be one of {OPTIMIZERS}")
+    if cfg.optimizer == "muon":
+        if cfg.muon_lr is None:
+            cfg.muon_lr = cfg.learning_rate
+        need(hasattr(torch.optim, "Muon"), f"optimizer=muon needs torch.optim.Muon, in torch >= {MUON_TORCH}; "
+                                           f"this torch is {torch.__version__}")
+        need(cfg.muon_lr > 0, f"muon_lr={cfg.muon_lr} must be > 0")
+        need(cfg.muon_adjust_lr in MUON_ADJUST_LR, f"muon_adjust_lr={cfg.muon_adjust_lr!r} must be one of {MUON_ADJUST_LR}")
+        need(0 <= cfg.muon_momentum < 1, f"muon_momentum={cfg.muon_momentum} must be in [0, 1)")
+        need(cfg.muon_weight_decay >= 0, f"muon_weight_decay={cfg.muon_weight_decay} must be >= 0")
+        # Accelerate's GradScaler steps and updates once per optimizer: with two, the second one's
+        # gradients would be unscaled twice.
+        need(cfg.mixed_precision != "fp16", "optimizer=muon does not run with mixed_precision='fp16' (Accelerate's "
+                                            "loss scaler handles one optimizer per step); use bf16 or no")
     need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r} must be one of {ATTENTION_IMPLS}")
     need(cfg.loss_impl in LOSS_IMPLS, f"loss_impl={cfg.loss_impl!r} must be one of {LOSS_IMPLS}")
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
@@ -302,21 +325,45 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices (matmul weights, embeddings), none on biases and LayerNorm."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix appears once
+def muon_params(model: GPT) -> list[torch.nn.Parameter]:
+    """The matrices Muon trains: every 2-D weight inside the blocks (attn.c_attn, attn.c_proj,
+    mlp.c_fc, mlp.c_proj). Embeddings (and the tied head), biases and LayerNorm stay on AdamW, as
+    in the modded-nanogpt speedrun (Jordan et al. 2024): Muon is for hidden layers."""
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: list[torch.nn.Parameter] = ()) -> list[dict]:
+    """AdamW groups: decay on matrices (matmul weights, embeddings), none on biases and LayerNorm.
+    `exclude`: parameters another optimizer trains (Muon's)."""
+    skip = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]  # a tied matrix appears once
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """[AdamW] for optimizer=adamw; [AdamW, Muon] for optimizer=muon, Muon taking muon_params.
+    The order is fixed: checkpoints hold the states in it, and peak_lrs follows it."""
     # The fused kernel does the whole update in one pass; CUDA and CPU have it (torch >= 2.4).
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused
-    )
+    matrices = muon_params(model) if cfg.optimizer == "muon" else []
+    adamw = torch.optim.AdamW(param_groups(model, cfg.weight_decay, exclude=matrices), lr=cfg.learning_rate,
+                              betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if cfg.optimizer == "adamw":
+        return [adamw]
+    # torch's Muon: Nesterov momentum, 5 Newton-Schulz steps in bf16, then the rate scaled per matrix
+    # by adjust_lr_fn and decoupled weight decay (Jordan et al. 2024; Liu et al. 2025 for match_rms_adamw).
+    muon = torch.optim.Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
+                            nesterov=cfg.muon_nesterov, adjust_lr_fn=cfg.muon_adjust_lr)
+    return [adamw, muon]
+
+
+def peak_lrs(cfg: TrainConfig) -> list[float]:
+    """Each optimizer's peak rate, in make_optimizers' order. Taken from the config at every step
+    (never from a checkpoint), so a resumed run follows its own config, as learning_rate always did."""
+    return [cfg.learning_rate] + ([cfg.muon_lr] if cfg.optimizer == "muon" else [])
 
 
 # ------------------------------------------------------------------- state
@@ -669,16 +716,18 @@ class StepStats:
     applied: bool  # False: loss or gradient norm was not finite, so the update was skipped
 
 
-def train_step(model, optimizer, accelerator: Accelerator, loader: ShardLoader, cfg: TrainConfig,
+def train_step(model, optimizers: list, accelerator: Accelerator, loader: ShardLoader, cfg: TrainConfig,
                step: int, stop: StopSignal) -> StepStats:
-    """Accumulate gradients, clip, and apply one AdamW update at the learning rate of `step`.
+    """Accumulate gradients, clip, and apply one update of every optimizer at the rates of `step`:
+    the schedule scales each optimizer's peak (peak_lrs) by the same factor.
 
     The update is applied only when the loss and the gradient norm are finite on every process
     (under fp16 an overflowing gradient is the GradScaler's to skip, so only the loss counts).
     """
     lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for optimizer, peak in zip(optimizers, peak_lrs(cfg)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (peak / cfg.learning_rate)  # AdamW: lr * 1.0, exactly lr
     loss = accumulate_gradients(model, accelerator, loader, cfg.grad_accum_steps)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
     grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), device=loss.device)
@@ -686,9 +735,10 @@ def train_step(model, optimizer, accelerator: Accelerator, loader: ShardLoader, 
     stop_flag = torch.tensor(float(stop.received is not None), device=loss.device)
     loss, grad_norm, stopped = accelerator.reduce(torch.stack([loss, grad_norm.float(), stop_flag]), "mean").tolist()
     applied = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stopped > 0, applied=applied)
 
 
@@ -782,7 +832,7 @@ class Run:
     accelerator: Accelerator
     raw_model: GPT  # unwrapped and uncompiled: what checkpoints are saved from
     model: torch.nn.Module | None  # as prepared by Accelerate (DDP/FSDP, compiled); None once released
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # make_optimizers' list, prepared: AdamW, then Muon with optimizer=muon
     train_loader: ShardLoader
     state: TrainState
     evaluators: list[Callable[[], dict[str, float]]]  # each returns named figures, e.g. {"val_loss": 3.2}
@@ -838,8 +888,8 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
     accelerator.wait_for_everyone()
 
     n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
-    optimizer = make_optimizer(raw_model, cfg, accelerator.device)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles too, with compile=true
+    optimizers = make_optimizers(raw_model, cfg, accelerator.device)
+    model, *optimizers = accelerator.prepare(raw_model, *optimizers)  # compiles too, with compile=true
     _skip_model_weights_in_state(accelerator)
     if resume is not None:
         try:  # Accelerate unpickles with weights_only=True: a file that holds code is refused, never run
@@ -860,7 +910,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
         log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
-    return Run(cfg, accelerator, raw_model, model, optimizer, train_loader, state, evaluators, flops_per_step, log)
+    return Run(cfg, accelerator, raw_model, model, optimizers, train_loader, state, evaluators, flops_per_step, log)
 
 
 def run_evals(run: Run) -> None:
@@ -917,7 +967,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None
             run_evals(run)
         run.model.train()
         while state.step < cfg.max_steps:
-            stats = train_step(run.model, run.optimizer, accelerator, run.train_loader, cfg, state.step, stop)
+            stats = train_step(run.model, run.optimizers, accelerator, run.train_loader, cfg, state.step, stop)
             if not stats.applied:
                 raise diverged(cfg, state.step + 1, f"the loss is {stats.loss} and the gradient norm "
                                                     f"{stats.grad_norm} (the update was not applied)")
@@ -976,6 +1026,19 @@ def start_processes() -> PartialState:
     return state
 
 
+def check_optimizer_fits(cfg: TrainConfig, resume: Resume | None) -> None:
+    """Raise ConfigError when cfg.optimizer cannot run here: a checkpoint holds the state of the
+    optimizer it was trained with, and Muon's whole-matrix Newton-Schulz step cannot run on the
+    parameter shards of FSDP (requested through ACCELERATE_USE_FSDP, as accelerate launch does)."""
+    saved = resume.train_config.get("optimizer", "adamw") if resume is not None else cfg.optimizer
+    if saved != cfg.optimizer:
+        raise ConfigError(f"cannot resume {resume.ckpt} with optimizer={cfg.optimizer}: it was trained with "
+                          f"optimizer={saved}, whose state it holds; resume with --optimizer={saved} or start a new run")
+    if cfg.optimizer == "muon" and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise ConfigError("optimizer=muon does not run under FSDP (Muon orthogonalises whole matrices, FSDP holds "
+                          "shards of them); use DDP, or optimizer=adamw with FSDP")
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The one Accelerator. With compile=true it compiles the model in prepare(), after wrapping it
     in DDP or FSDP, as Accelerate expects; checkpoints are saved from the uncompiled module."""
@@ -999,6 +1062,7 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
     state = start_processes()
     log = print if state.is_main_process else (lambda msg: None)
     resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
+    check_optimizer_fits(cfg, resume)
     saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
     try:
         cfg = validate(cfg, state.num_processes, log, resume_tokens_per_step=saved_tokens_per_step)
