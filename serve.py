@@ -323,8 +323,8 @@ def build_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": server.engine.num_running, "waiting": server.outstanding
-                - server.engine.num_running if server.outstanding > server.engine.num_running else 0}
+        running = server.engine.num_running
+        return {"status": "ok", "running": running, "waiting": max(server.outstanding - running, 0)}
 
     @app.get("/v1/models")
     async def models():
@@ -363,16 +363,22 @@ class _Run:
         self.sequences = []
         self.first_token_at: float | None = None
         self.open = len(self.choices)
-        for p, prompt in enumerate(req.prompts):
-            sink = (lambda seq, out, p=p: loop.call_soon_threadsafe(self.queue.put_nowait, (p * n + seq.index, seq, out)))
-            self.sequences += server.engine.add(prompt, req.params, sink, n)
         server.outstanding += len(self.choices)
+        for p, prompt in enumerate(req.prompts):
+            sink = (lambda seq, out, p=p: loop.call_soon_threadsafe(self._deliver, p * n + seq.index, seq, out))
+            self.sequences += server.engine.add(prompt, req.params, sink, n)
         self.finished = False
+
+    def _deliver(self, index: int, seq, out: Output) -> None:
+        """On the event loop: queue an engine event; a sequence's end frees its place in the bound
+        whether or not anyone still reads the response."""
+        if out.finish_reason is not None:
+            self.server.outstanding -= 1
+        self.queue.put_nowait((index, seq, out))
 
     def _close(self) -> None:
         if not self.finished:
             self.finished = True
-            self.server.outstanding -= len(self.choices)
             unfinished = [s for s in self.sequences if not s.finished]
             if unfinished:
                 self.server.engine.cancel(unfinished)
