@@ -476,7 +476,13 @@ def _timed(runs: dict, reps: int = 3) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in times.items()}, outputs
 
 
-def bench_sample(new_tokens: int = 128) -> None:
+def _shapes(names: str) -> list[tuple[str, dict]]:
+    """`small`, `124m` or both (comma-separated) as (label, shape)."""
+    known = {"small": lambda: ("small.py", _small_shape()), "124m": lambda: ("GPT-2 124M", GPT2_124M)}
+    return [known[n.strip()]() for n in names.split(",")]
+
+
+def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
     """Batch-1 greedy decode tokens/s on engine.Engine against transformers' generate with the same
     weights, at small.py's shape and GPT-2 124M, fp32; bf16 weights beside them (and for how
     many tokens their greedy text equals fp32's); and the limit memory bandwidth puts on 124M
@@ -491,7 +497,7 @@ def bench_sample(new_tokens: int = 128) -> None:
     print(f"memory bandwidth measured now (sum of a 1 GiB fp32 tensor): {bandwidth / 1e9:.1f} GB/s")
     print("\n| shape | ours fp32 tokens/s | transformers fp32 | ours / theirs | same tokens | ours, bf16 weights | bf16 / fp32 | bf16 greedy = fp32 for |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, shape in (("small.py", _small_shape()), ("GPT-2 124M", GPT2_124M)):
+    for name, shape in _shapes(shapes):
         ours, hf = _decode_models(shape)
         low = copy.deepcopy(ours).to(torch.bfloat16)
         prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -536,7 +542,7 @@ def _stream_client(url: str, body: dict, results: list) -> None:
     results.append((first, usage, time.perf_counter() - start))
 
 
-def bench_serve(requests: int = 16, concurrency: tuple[int, ...] = (1, 4, 16)) -> None:
+def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tuple[int, ...] = (1, 4, 16)) -> None:
     """serve.py (a subprocess on a free local port, --max_batch 16) under 1, 4 and 16 concurrent
     streaming clients, `requests` requests per level: aggregate completion tokens/s and p50/p95
     time to first token; then the engine's batched greedy decode (16 equal prompts) against
@@ -550,7 +556,8 @@ def bench_serve(requests: int = 16, concurrency: tuple[int, ...] = (1, 4, 16)) -
 
     print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy, fp32, "
           f"{torch.get_num_threads()} threads on {cpu_name()}")
-    for name, shape, new in (("small.py", _small_shape(), 64), ("GPT-2 124M", GPT2_124M, 32)):
+    for name, shape in _shapes(shapes):
+        new = 64 if name == "small.py" else 32
         ours, hf = _decode_models(shape)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoints.save_weights(Path(tmp) / "run", 1, ours)
@@ -671,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--new_tokens", type=int, default=128, help="tokens generated per run (default: 128)")
     serve = sections.add_parser("serve", help="serve.py under 1/4/16 concurrent streaming clients")
     serve.add_argument("--requests", type=int, default=16, help="streaming requests per concurrency level (default: 16)")
+    for section in (sample, serve):
+        section.add_argument("--shapes", default="small,124m", help="small, 124m or both (default: small,124m)")
     evaluate = sections.add_parser("eval", help="HellaSwag examples/s at small.py's shape and GPT-2 124M")
     evaluate.add_argument("--examples", type=int, default=200, help="examples scored at small.py's shape (default: 200)")
     evaluate.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass (default: 16)")
