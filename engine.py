@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for
 

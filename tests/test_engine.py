@@ -5,7 +5,7 @@ cancellation and every settings error. CPU; float64 where argmax must not meet n
 import pytest
 import torch
 
-from engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, SamplingParams, derive_seed,
+from engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, SamplingParams,
                     sample_rows, uniforms)
 from model import GPT, GPTConfig
 
