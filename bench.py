@@ -3,7 +3,8 @@
     python bench.py data     # prepare_data.py throughput against single-threaded tiktoken, and its peak memory
     python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel; peak memory
     python bench.py head     # the loss head alone: full vs chunked, over chunk sizes
-    python bench.py sample   # batch-1 decode tokens/s, ours vs transformers' generate
+    python bench.py sample   # batch-1 decode tokens/s, ours vs transformers' generate, fp32 and bf16 weights
+    python bench.py serve    # serve.py under 1/4/16 concurrent streaming clients; batched decode vs transformers
     python bench.py eval     # HellaSwag examples/s (needs `make hellaswag`)
     python bench.py optimizer  # one optimizer step, AdamW vs Muon + AdamW, at small.py's shape and GPT-2 124M
     python bench.py          # every section
@@ -464,48 +465,181 @@ def bench_head(reps: int = 5) -> None:
                   f"{times['full'] / best[0]:.2f}x the full path")
 
 
-def bench_sample(new_tokens: int = 128) -> None:
-    """Batch-1 greedy decode tokens/s: our KV-cache generate against transformers' generate with
-    the same weights, at small.py's shape and GPT-2 124M, fp32; and the limit memory bandwidth
-    puts on 124M (each new token reads every matmul weight once)."""
+def _decode_models(shape: dict):
+    """Our GPT with spread-out random weights (confident predictions: greedy has no near-ties) and
+    transformers' twin with the same weights."""
     from model import GPT, GPTConfig
 
-    print(f"decode benchmark: batch 1, 16-token prompt, up to {new_tokens} new tokens, greedy, fp32, "
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**shape)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf = hf_twin(ours).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return ours, hf
+
+
+def _timed(runs: dict, reps: int = 3) -> tuple[dict, dict]:
+    """Median seconds of each callable (after one warm-up), taken in turn; and each one's last output."""
+    outputs, times = {}, {k: [] for k in runs}
+    for run in runs.values():
+        run()
+    for _ in range(reps):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            outputs[key] = run()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, outputs
+
+
+def _shapes(names: str) -> list[tuple[str, dict]]:
+    """`small`, `124m` or both (comma-separated) as (label, shape)."""
+    known = {"small": lambda: ("small.py", _small_shape()), "124m": lambda: ("GPT-2 124M", GPT2_124M)}
+    return [known[n.strip()]() for n in names.split(",")]
+
+
+def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
+    """Batch-1 greedy decode tokens/s on engine.Engine against transformers' generate with the same
+    weights, at small.py's shape and GPT-2 124M, fp32; bf16 weights beside them (and for how
+    many tokens their greedy text equals fp32's); and the limit memory bandwidth puts on 124M
+    (each new token reads every matmul weight once)."""
+    import copy
+
+    from engine import Engine, SamplingParams
+
+    print(f"decode benchmark: batch 1, 16-token prompt, up to {new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads on {cpu_name()}")
     bandwidth = measure_bandwidth()
     print(f"memory bandwidth measured now (sum of a 1 GiB fp32 tensor): {bandwidth / 1e9:.1f} GB/s")
-    print_auto_precision("decode", {"small.py": _small_shape(), "GPT-2 124M": GPT2_124M})
-    print("\n| shape | ours tokens/s | transformers tokens/s | ours / theirs | same tokens |")
-    print("|---|---|---|---|---|")
-    for name, shape in (("small.py", _small_shape()), ("GPT-2 124M", GPT2_124M)):
-        torch.manual_seed(0)
-        ours = GPT(GPTConfig(**shape)).eval()
-        with torch.no_grad():  # spread-out weights: confident predictions, so greedy has no near-ties
-            for p in ours.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        hf = hf_twin(ours).eval()
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
+    print_auto_precision("decode", dict(_shapes(shapes)))
+    print("\n| shape | ours fp32 tokens/s | transformers fp32 | ours / theirs | same tokens | ours, bf16 weights | bf16 / fp32 | bf16 greedy = fp32 for |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, shape in _shapes(shapes):
+        ours, hf = _decode_models(shape)
+        low = copy.deepcopy(ours).to(torch.bfloat16)
         prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
         n = min(new_tokens, shape["block_size"] - prompt.size(1))  # transformers stops at the context length
-        runs = {"ours": lambda: ours.generate(prompt, n, temperature=0.0),
-                "hf": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)}
-        outputs, rates = {}, {}
-        for key, run in runs.items():
-            run()  # warm-up
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                outputs[key] = run()
-                times.append(time.perf_counter() - start)
-            rates[key] = n / statistics.median(times)
-        same = "yes" if torch.equal(outputs["ours"], outputs["hf"]) else "no"
-        print(f"| {name}, {n} new tokens | {rates['ours']:,.1f} | {rates['hf']:,.1f} | {rates['ours'] / rates['hf']:.2f}x | {same} |")
+        params = SamplingParams(max_tokens=n, temperature=0.0)
+        engine, engine_bf16 = Engine(ours, max_batch=1), Engine(low, max_batch=1)
+        ids = prompt[0].tolist()
+        runs = {"ours": lambda: engine.generate([ids], params)[0],
+                "hf": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, 16:].tolist(),
+                "bf16": lambda: engine_bf16.generate([ids], params)[0]}
+        seconds, outputs = _timed(runs)
+        rates = {k: n / t for k, t in seconds.items()}
+        same = "yes" if outputs["ours"] == outputs["hf"] else "no"
+        agree = next((i for i, (a, b) in enumerate(zip(outputs["ours"], outputs["bf16"])) if a != b), n)
+        print(f"| {name}, {n} new tokens | {rates['ours']:,.1f} | {rates['hf']:,.1f} | {rates['ours'] / rates['hf']:.2f}x "
+              f"| {same} | {rates['bf16']:,.1f} | {rates['bf16'] / rates['ours']:.2f}x | {agree} of {n} tokens |", flush=True)
         if name == "GPT-2 124M":
             weight_bytes = 4 * (ours.num_params() - ours.transformer.wpe.weight.numel())
             limit = bandwidth / weight_bytes
-            print(f"\n124M reads {weight_bytes / 1e6:.0f} MB of weights per token: at {bandwidth / 1e9:.1f} GB/s that is "
-                  f"at most {limit:.1f} tokens/s; ours reaches {rates['ours'] / limit:.0%} of that limit")
+            print(f"\n124M reads {weight_bytes / 1e6:.0f} MB of fp32 weights per token: at {bandwidth / 1e9:.1f} GB/s that "
+                  f"is at most {limit:.1f} tokens/s; ours reaches {rates['ours'] / limit:.0%} of that limit "
+                  f"(bf16 weights: {rates['bf16'] / (2 * limit):.0%} of their own limit, {2 * limit:.1f} tokens/s)")
+
+
+def _stream_client(url: str, body: dict, results: list) -> None:
+    """One streaming request: appends (seconds to the first token, completion tokens, seconds)."""
+    import httpx
+
+    start = time.perf_counter()
+    first, usage = None, 0
+    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                      timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["text"] for c in chunk["choices"]):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+    results.append((first, usage, time.perf_counter() - start))
+
+
+def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tuple[int, ...] = (1, 4, 16)) -> None:
+    """serve.py (a subprocess on a free local port, --max_batch 16) under 1, 4 and 16 concurrent
+    streaming clients, `requests` requests per level: aggregate completion tokens/s and p50/p95
+    time to first token; then the engine's batched greedy decode (16 equal prompts) against
+    transformers' generate on the same batch. Batch-1 figures: `bench.py sample`."""
+    import socket
+    import threading
+    import urllib.request
+
+    import checkpoints
+    from engine import Engine, SamplingParams
+
+    print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy, fp32, "
+          f"{torch.get_num_threads()} threads on {cpu_name()}")
+    for name, shape in _shapes(shapes):
+        new = 64 if name == "small.py" else 32
+        ours, hf = _decode_models(shape)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoints.save_weights(Path(tmp) / "run", 1, ours)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(Path(tmp) / "run"),
+                                     "--port", str(port), "--max_batch", "16", "--max_queue", "64"],
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                for _ in range(600):
+                    try:
+                        urllib.request.urlopen(base + "/health", timeout=5)
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+                g = torch.Generator().manual_seed(2)
+                bodies = [{"model": "run", "prompt": torch.randint(0, 50256, (16,), generator=g).tolist(),
+                           "max_tokens": new, "temperature": 0} for _ in range(requests)]
+                _stream_client(base + "/v1/completions", bodies[0], [])  # warm-up
+                print(f"\n{name}, {new} new tokens per request:\n")
+                print("| concurrent clients | aggregate tokens/s | vs 1 client | p50 TTFT ms | p95 TTFT ms |")
+                print("|---|---|---|---|---|")
+                single = None
+                for c in concurrency:
+                    results: list = []
+                    todo = list(bodies)
+                    lock = threading.Lock()
+
+                    def client():
+                        while True:
+                            with lock:
+                                if not todo:
+                                    return
+                                body = todo.pop()
+                            _stream_client(base + "/v1/completions", body, results)
+
+                    start = time.perf_counter()
+                    threads = [threading.Thread(target=client) for _ in range(c)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    wall = time.perf_counter() - start
+                    rate = sum(r[1] for r in results) / wall
+                    single = single or rate
+                    ttft = sorted(1000 * r[0] for r in results)
+                    p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
+                    print(f"| {c} | {rate:,.1f} | {rate / single:.2f}x | {statistics.median(ttft):.0f} | {p95:.0f} |",
+                          flush=True)
+            finally:
+                proc.terminate()
+                proc.wait()
+        batch = torch.randint(0, 50256, (16, 16), generator=torch.Generator().manual_seed(3))
+        engine = Engine(ours, max_batch=16)
+        params = SamplingParams(max_tokens=new, temperature=0.0)
+        runs = {"ours": lambda: engine.generate(batch.tolist(), params),
+                "hf": lambda: hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist()}
+        seconds, outputs = _timed(runs, reps=2)
+        print(f"\nbatch of 16 equal-length prompts, {new} new tokens each, in-process: engine "
+              f"{16 * new / seconds['ours']:,.1f} tokens/s, transformers generate {16 * new / seconds['hf']:,.1f} "
+              f"({seconds['hf'] / seconds['ours']:.2f}x); same tokens: {'yes' if outputs['ours'] == outputs['hf'] else 'no'}")
 
 
 def bench_eval(examples: int = 200, batch_size: int = 16) -> None:
@@ -603,8 +737,8 @@ def bench_optimizer(steps: int = 5) -> None:
         print(f"\n(all CPUs {busy:.0%} busy just after: other work on this machine slows every figure above)")
 
 
-SECTIONS = {"data": bench_data, "train": bench_train, "head": bench_head, "sample": bench_sample, "eval": bench_eval,
-            "optimizer": bench_optimizer}
+SECTIONS = {"data": bench_data, "train": bench_train, "head": bench_head, "sample": bench_sample, "serve": bench_serve,
+            "eval": bench_eval, "optimizer": bench_optimizer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,6 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     head.add_argument("--reps", type=int, default=5, help="timed runs per cell (default: 5)")
     sample = sections.add_parser("sample", help="batch-1 greedy decode tokens/s, ours vs transformers' generate")
     sample.add_argument("--new_tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    serve = sections.add_parser("serve", help="serve.py under 1/4/16 concurrent streaming clients")
+    serve.add_argument("--requests", type=int, default=16, help="streaming requests per concurrency level (default: 16)")
+    for section in (sample, serve):
+        section.add_argument("--shapes", default="small,124m", help="small, 124m or both (default: small,124m)")
     evaluate = sections.add_parser("eval", help="HellaSwag examples/s at small.py's shape and GPT-2 124M")
     evaluate.add_argument("--examples", type=int, default=200, help="examples scored at small.py's shape (default: 200)")
     evaluate.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass (default: 16)")

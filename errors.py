@@ -36,6 +36,10 @@ class SampleError(UserError):
     """A sample.py or eval.py option: prompt, device, dtype."""
 
 
+class ServeError(UserError):
+    """A serve.py option or set-up problem: the port, a missing extra."""
+
+
 class TokenizerError(UserError):
     """GPT-2's tokenizer could not be loaded (offline without its cached file); the message says
     how to fix it."""

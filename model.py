@@ -4,7 +4,9 @@ Everything the network is lives here: the config, causal self-attention (written
 or through `scaled_dot_product_attention`), the MLP, the residual block, the full model with
 explicit initialisation, tied input/output embeddings, optional activation checkpointing, the
 loss head (chunked linear + cross-entropy, so training never holds the (B, T, vocab) logits),
-KV-cache generation, and import/export of GPT-2 weights in the Hugging Face layout.
+and import/export of GPT-2 weights in the Hugging Face layout. Generation (KV-cache slots,
+sampling, batching) lives in engine.py; the model only takes a cache object and per-row
+positions in `hidden_states`.
 
 References:
   [1] Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
@@ -19,8 +21,6 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,26 +88,6 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-class KVCache:
-    """Keys and values of every layer for incremental decoding.
-
-    Preallocated as (n_layer, B, nh, block_size, hs); `length` is how many positions are filled.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) after the filled part; return all keys/values so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -120,43 +100,41 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). cache: None (plain causal attention over x), or an object
+        whose update(layer_idx, k, v) stores the new keys/values (B, nh, T, hs) and returns
+        (keys, values, mask) to attend over: keys/values (B, nh, Tk, hs) and a bool mask
+        broadcastable to (B, nh, T, Tk) (True = may attend), or mask None for plain causal
+        attention with T == Tk. engine.SlotCache is the one the project uses."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, Tk, hs), Tk = past + T
-        Tk = k.size(2)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, Tk, hs), mask (B, 1, T, Tk) or None
         if self.impl == "sdpa":
-            y = self._sdpa(q, k, v, T, Tk)
+            y = self._sdpa(q, k, v, mask)
         else:
-            y = self._manual(q, k, v, T, Tk)
+            y = self._manual(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-    @staticmethod
-    def _causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
-        # Query i sits at absolute position (Tk - Tq + i) and may attend to keys 0..that position.
-        return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
-
-    def _manual(self, q, k, v, Tq: int, Tk: int) -> torch.Tensor:
+    def _manual(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
-        att = att.masked_fill(~self._causal_mask(Tq, Tk, q.device), float("-inf"))
+        if mask is None:  # Tq == Tk: query i attends to keys 0..i
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att.float(), dim=-1).to(q.dtype)  # softmax in fp32 [2]
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, Tq, hs)
 
-    def _sdpa(self, q, k, v, Tq: int, Tk: int) -> torch.Tensor:
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
-        if Tq == Tk:  # training, or the first pass over a prompt
+        if mask is None:  # training, or a prompt's first pass: Tq == Tk
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if Tq == 1:  # one new token sees every cached position: no mask needed
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        # is_causal aligns the mask top-left; with a cache the queries are the *last* Tq keys.
-        mask = self._causal_mask(Tq, Tk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -182,8 +160,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -269,26 +247,27 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f."""
+    def hidden_states(self, idx: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f.
+
+        Without a cache, token t sits at position t (T <= block_size). The decoding engine
+        passes a cache (see CausalSelfAttention.forward) and positions (B, T), each row's own
+        positions (every value < block_size), so sequences of different lengths run together.
+        Raises ValueError if T > block_size without positions.
+        """
         B, T = idx.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {past + T} exceeds block_size {self.config.block_size}"
-                + (f" ({past} cached + {T} new)" if past else "")
-            )
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            if recompute and kv_cache is None:
+            if recompute and cache is None:
                 # Keep only each block's input; recompute its inside during backward.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += T
+                x = block(x, cache)
         return self.transformer.ln_f(x)
 
     def forward(
@@ -311,7 +290,7 @@ class GPT(nn.Module):
         is computed in fp32, also under bf16/fp16 autocast.
         Raises ValueError if T > block_size or for an unknown reduction.
         """
-        h = self._hidden(idx)  # (B, T, C)
+        h = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(h), None
         if reduction not in ("mean", "sum", "none"):
@@ -324,78 +303,6 @@ class GPT(nn.Module):
             return (logits if return_logits else None), (loss.view(B, T) if reduction == "none" else loss)
         loss = linear_cross_entropy(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T), reduction)
         return None, (loss.view(B, T) if reduction == "none" else loss)
-
-    # --------------------------------------------------------------- generation
-
-    def new_kv_cache(self, batch_size: int) -> KVCache:
-        p = self.transformer.wte.weight
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.config, batch_size, p.device, dtype)
-
-    @torch.no_grad()
-    def generate_tokens(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        vocab_limit: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield max_new_tokens next tokens, each (B, 1), continuing the prompt idx (B, T).
-
-        The context is cropped to its last block_size tokens. With use_cache, keys and values of
-        past positions are kept; once the text is longer than block_size every position shifts
-        (the position embeddings are absolute), so each step then recomputes the cropped window.
-        temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p
-        (nucleus) filtering, then a draw with `generator`. vocab_limit restricts the choice to ids
-        below it (e.g. a tokenizer with fewer tokens than a padded vocab_size).
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        if vocab_limit is not None and not 1 <= vocab_limit <= self.config.vocab_size:
-            raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}] or None, got {vocab_limit}")
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-        was_training = self.training
-        self.eval()
-        try:
-            block_size = self.config.block_size
-            cache = None
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    h = self._hidden(idx[:, -block_size:])
-                elif cache is None or idx.size(1) > block_size:
-                    cache = cache or self.new_kv_cache(idx.size(0))
-                    cache.length = 0  # (re)fill with the whole (cropped) context
-                    h = self._hidden(idx[:, -block_size:], cache)
-                else:
-                    h = self._hidden(idx[:, -1:], cache)  # only the newest token is new
-                logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
-                logits = logits[:, :vocab_limit]  # a prefix, so an index is still the token id
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-                idx = torch.cat([idx, next_token], dim=1)
-                yield next_token
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """The prompt idx (B, T) followed by max_new_tokens generated tokens: (B, T + new).
-
-        Takes the keyword arguments of `generate_tokens` (temperature, top_k, top_p, use_cache,
-        generator, vocab_limit).
-        """
-        new = list(self.generate_tokens(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx, *new], dim=1)
 
     # ------------------------------------------------- GPT-2 weights (HF layout)
 
@@ -660,32 +567,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
             options = torch.nn.LinearCrossEntropyOptions()
         return F.linear_cross_entropy(h, weight, targets, reduction=reduction, ignore_index=IGNORE_INDEX,
                                       options=options).float()
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): greedy at temperature 0, else a filtered draw."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
-        # most likely token always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 # ------------------------------------------------------------ HF format helpers

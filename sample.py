@@ -10,8 +10,11 @@ and loads it (a damaged newest checkpoint is skipped with a warning), so the mod
 whatever the weights say.
 
 stdout holds only the samples, each followed by a separator line; everything else (what was
-loaded, warnings, tokens/s) goes to stderr. Samples are drawn one after another from a single
-torch.Generator seeded with --seed, so the same seed prints the same text, streamed or not.
+loaded, warnings, tokens/s) goes to stderr. The samples decode together as one batch on
+engine.Engine (one prefill of the prompt, copied to every sample); sample i draws with a seed
+derived from --seed and i, so the same seed prints the same text, streamed or not, and each
+sample's text does not depend on how many others run beside it. With --stream the first
+sample is printed as it is generated and each later one as soon as the one before is done.
 A problem with the input (checkpoint, prompt, device, dtype) prints one `error: ...` line and
 exits with status 2.
 """
@@ -19,8 +22,7 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
-import codecs
-import contextlib
+import random
 import sys
 import time
 from pathlib import Path
@@ -29,11 +31,13 @@ import torch
 
 import checkpoints
 import devices
+from engine import Engine, SamplingParams
 from errors import SampleError, exit_status
 from model import GPT
-from tokenizer import EOT_TOKEN, gpt2_tokenizer
+from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
 
 SEPARATOR = "-" * 40
+MAX_BATCH = 16  # samples decoded together at most (each holds a block_size KV cache)
 
 
 # ------------------------------------------------------------------------ arguments
@@ -139,54 +143,6 @@ def fit_prompt(ids: list[int], model: GPT) -> list[int]:
 # ------------------------------------------------------------------- generation
 
 
-class TextStream:
-    """Token ids in, text out, for a byte-level BPE whose tokens can split a UTF-8 character.
-
-    Each token's bytes go through an incremental UTF-8 decoder that holds back an incomplete
-    character until its last byte arrives, so the pieces joined equal enc.decode(all ids)
-    (both replace undecodable bytes with U+FFFD).
-    """
-
-    def __init__(self, enc):
-        self.enc = enc
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, ids: list[int]) -> str:
-        return self.decoder.decode(b"".join(self.enc.decode_single_token_bytes(i) for i in ids))
-
-    def finish(self) -> str:
-        """Whatever is still held back (an unfinished character becomes U+FFFD)."""
-        return self.decoder.decode(b"", final=True)
-
-
-def generate_sample(model: GPT, prompt_ids: list[int], show_prompt: bool, args, enc,
-                    generator: torch.Generator, dtype: torch.dtype, write) -> int:
-    """Generate one sample, passing its text to write(str) piece by piece; returns tokens generated.
-
-    Uses the model's KV-cache generate_tokens; sampling is restricted to ids the tokenizer can
-    decode (a padded vocab_size may have more). With --stop_at_eot, <|endoftext|> ends the sample
-    and is not written.
-    """
-    device = model.transformer.wte.weight.device
-    stream = TextStream(enc)
-    if show_prompt:
-        write(stream.feed(prompt_ids))
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    vocab_limit = enc.n_vocab if model.config.vocab_size > enc.n_vocab else None
-    n_new = 0
-    tokens = model.generate_tokens(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, generator=generator, vocab_limit=vocab_limit)
-    with devices.autocast(device, dtype), contextlib.closing(tokens):
-        for next_token in tokens:  # (1, 1)
-            token = int(next_token)
-            n_new += 1
-            if args.stop_at_eot and token == EOT_TOKEN:
-                break
-            write(stream.feed([token]))
-    write(stream.finish())
-    return n_new
-
-
 def run(args: argparse.Namespace) -> None:
     """Load, encode, generate args.num_samples samples to stdout; report speed on stderr."""
     device = devices.resolve_device(args.device)
@@ -200,31 +156,53 @@ def run(args: argparse.Namespace) -> None:
           f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, "
           f"vocab_size={cfg.vocab_size}; {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     prompt_ids = fit_prompt(prompt_ids, model)
+    seed = args.seed
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+        print(f"seed: {seed} (pass --seed to repeat)", file=sys.stderr)
 
-    generator = torch.Generator(device=device)
-    if args.seed is None:
-        print(f"seed: {generator.seed()} (pass --seed to repeat)", file=sys.stderr)
-    else:
-        generator.manual_seed(args.seed)
-
-    if args.stream:
-        def write(text: str) -> None:
-            sys.stdout.write(text)
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        if args.stream:
             sys.stdout.flush()
-    else:
-        pieces: list[str] = []
-        write = pieces.append
 
-    n_tokens, seconds = 0, 0.0
-    for _ in range(args.num_samples):
-        t0 = time.perf_counter()
-        n_tokens += generate_sample(model, prompt_ids, show_prompt, args, enc, generator, dtype, write)
-        seconds += time.perf_counter() - t0
-        if not args.stream:
-            sys.stdout.write("".join(pieces))
-            pieces.clear()
-        sys.stdout.write(f"\n{SEPARATOR}\n")
-        sys.stdout.flush()
+    prompt_text = enc.decode(prompt_ids) if show_prompt else ""
+    if args.max_new_tokens == 0:
+        for _ in range(args.num_samples):
+            out(f"{prompt_text}\n{SEPARATOR}\n")
+        return
+    # Sample i's text waits in pending[i] until every sample before it has been printed.
+    streams = [TextStream(enc) for _ in range(args.num_samples)]
+    pending: list[list[str]] = [[prompt_text] for _ in range(args.num_samples)]
+    done = [False] * args.num_samples
+    current = 0  # the sample being printed
+
+    def flush() -> None:
+        nonlocal current
+        while current < args.num_samples:
+            if args.stream or done[current]:
+                out("".join(pending[current]))
+                pending[current].clear()
+            if not done[current]:
+                return
+            out(f"\n{SEPARATOR}\n")
+            current += 1
+
+    engine = Engine(model, max_batch=min(args.num_samples, MAX_BATCH), dtype=dtype, context_shift=True,
+                    vocab_limit=enc.n_vocab if cfg.vocab_size > enc.n_vocab else None)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=seed, stop_token_ids=(EOT_TOKEN,) if args.stop_at_eot else ())
+    n_tokens, start = 0, time.perf_counter()
+    for (_, i), _, event in engine.stream([prompt_ids], params, n=args.num_samples):
+        if event.token is not None:
+            n_tokens += 1
+            pending[i].append(streams[i].feed([event.token]))
+        else:
+            pending[i].append(streams[i].finish())
+            done[i] = True
+        if i == current:
+            flush()
+    seconds = time.perf_counter() - start
     rate = n_tokens / seconds if seconds > 0 else float("nan")
     print(f"{n_tokens} tokens in {seconds:.2f} s: {rate:.1f} tokens/s", file=sys.stderr)
 

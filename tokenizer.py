@@ -12,6 +12,7 @@ used, so a machine without internet works after `make`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from functools import lru_cache
@@ -152,3 +153,23 @@ def hf_tokenizer_files(model_max_length: int) -> dict[str, str]:
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
     }
+
+
+class TextStream:
+    """Token ids in, text out, for a byte-level BPE whose tokens can split a UTF-8 character.
+
+    Each token's bytes go through an incremental UTF-8 decoder that holds back an incomplete
+    character until its last byte arrives, so the pieces joined equal enc.decode(all ids)
+    (both replace undecodable bytes with U+FFFD).
+    """
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: list[int]) -> str:
+        return self.decoder.decode(b"".join(self.enc.decode_single_token_bytes(i) for i in ids))
+
+    def finish(self) -> str:
+        """Whatever is still held back (an unfinished character becomes U+FFFD)."""
+        return self.decoder.decode(b"", final=True)

@@ -16,6 +16,7 @@ import hf_extras
 import sample
 import train
 from conftest import TINY, assert_one_line_error, run_command
+from engine import Engine, SamplingParams
 from model import GPT, GPTConfig
 from prepare_data import read_shakespeare, shakespeare_play_files
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_tokenizer
@@ -122,9 +123,8 @@ def test_pipeline_generates_what_our_model_generates(run):
     enc = gpt2_tokenizer()
     prompt = enc.encode_ordinary("ROMEO: But soft")
     ours = GPT.from_pretrained(ckpt).eval()
-    with torch.no_grad():
-        ids = ours.generate(torch.tensor([prompt]), max_new_tokens=8, temperature=0.0)
-    assert hf_text == enc.decode(ids[0].tolist())
+    new = Engine(ours, max_batch=1).generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert hf_text == enc.decode(prompt + new)
 
 
 def test_damaged_tokenizer_file_falls_back_to_the_older_checkpoint(run, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""model.py: HF parity both ways, sizes, tying, init, causality, attention impls, checkpointing,
-KV cache, sampling and every user-facing error. CPU, float32 unless a test says otherwise."""
+"""model.py: HF parity both ways, sizes, tying, init, causality, attention impls, checkpointing
+and every user-facing error (decoding is tested in test_engine.py). CPU, float32 unless a test says otherwise."""
 
 import math
 import os
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import model as model_module
-from model import GPT, GPTConfig, sample_next_token
+from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -242,31 +242,6 @@ def test_manual_and_sdpa_attention_agree():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def cached_logits(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    """Feed idx (B, T) through one KV cache in pieces of the given lengths; logits (B, T, V)."""
-    cache = model.new_kv_cache(idx.size(0))
-    out, start = [], 0
-    with torch.no_grad():
-        for n in chunks:
-            out.append(model.lm_head(model._hidden(idx[:, start : start + n], cache)))
-            start += n
-    assert start == idx.size(1) and cache.length == start
-    return torch.cat(out, dim=1)
-
-
-def test_manual_and_sdpa_attention_agree_with_kv_cache():
-    sdpa, manual = sdpa_and_manual()
-    idx = random_ids(2, 12)
-    # A prompt, a several-token chunk (queries are the last keys: needs an offset mask), single tokens.
-    chunks = [5, 3, 1, 1, 2]
-    with torch.no_grad():
-        full, _ = sdpa(idx)
-    from_sdpa = cached_logits(sdpa, idx, chunks)
-    from_manual = cached_logits(manual, idx, chunks)
-    torch.testing.assert_close(from_sdpa, from_manual, atol=1e-5, rtol=0)
-    torch.testing.assert_close(from_sdpa, full, atol=1e-5, rtol=0)
-
-
 # ----------------------------------------------------------------- gradient checkpointing
 
 
@@ -455,76 +430,6 @@ def test_chunked_head_with_gradient_checkpointing_and_compile(small_chunks):
         torch.testing.assert_close(grads[1][1][name], grads[0][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-# ------------------------------------------------------------------------------ generation
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_greedy_kv_cache_matches_recompute_past_block_size(attention):
-    model = tiny(attention=attention)
-    perturb_(model, 1, std=0.5)  # a spread-out model, so the greedy text is not one repeated token
-    model.to(torch.float64)  # no near-ties for argmax to break differently
-    prompt = random_ids(2, 5)
-    cached = model.generate(prompt, 40, temperature=0, use_cache=True)
-    recomputed = model.generate(prompt, 40, temperature=0, use_cache=False)
-    assert cached.shape == (2, 45)
-    assert torch.equal(cached[:, :5], prompt)
-    assert torch.equal(cached, recomputed)
-    assert len(set(cached[0, 5:].tolist())) > 3
-
-
-def test_seeded_sampling_repeats_and_differs_with_seed():
-    model = tiny()
-    prompt = random_ids(2, 3)
-
-    def draw(seed: int) -> torch.Tensor:
-        return model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-
-    assert torch.equal(draw(0), draw(0))
-    assert not torch.equal(draw(0), draw(1))
-
-
-def test_top_k_one_is_greedy():
-    model = tiny()
-    perturb_(model, 1)
-    prompt = random_ids(2, 4)
-    greedy = model.generate(prompt, 12, temperature=0)
-    top1 = model.generate(prompt, 12, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(top1, greedy)
-
-    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
-    top1 = sample_next_token(logits, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(top1, logits.argmax(dim=-1, keepdim=True))
-
-
-def draws(logits: torch.Tensor, n: int = 20_000, **kwargs) -> torch.Tensor:
-    """n draws from one row of logits (V,), as a (n,) tensor of token ids."""
-    g = torch.Generator().manual_seed(0)
-    return sample_next_token(logits.expand(n, -1), generator=g, **kwargs).squeeze(1)
-
-
-def test_top_k_never_emits_excluded_tokens():
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
-    logits = torch.empty(10)
-    logits[order] = torch.arange(10, 0, -1, dtype=torch.float)  # order[0] is the most likely
-    tokens = draws(logits, temperature=1.0, top_k=3)
-    assert set(tokens.tolist()) == set(order[:3].tolist())
-
-
-def test_top_p_never_emits_excluded_tokens():
-    order = torch.tensor([3, 0, 5, 1, 4, 2])
-    probs = torch.empty(6)
-    probs[order] = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
-    logits = probs.log()
-    # 0.5 + 0.3 >= 0.7: the first two make the nucleus.
-    tokens = draws(logits, temperature=1.0, top_p=0.7)
-    assert set(tokens.tolist()) == {3, 0}
-    assert (tokens == 3).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.02)  # renormalised
-    # 0.5 + 0.3 + 0.1 >= 0.85: three tokens.
-    assert set(draws(logits, temperature=1.0, top_p=0.85).tolist()) == {3, 0, 5}
-    # top-k first, then top-p within what is left.
-    assert set(draws(logits, temperature=1.0, top_k=4, top_p=0.99).tolist()) == {3, 0, 5, 1}
-
-
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -550,20 +455,6 @@ def test_sequence_longer_than_block_size_raises():
     with pytest.raises(ValueError) as err:
         model(random_ids(1, TINY["block_size"] + 1))
     assert "17" in str(err.value) and "16" in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(temperature=-1.0), "temperature"),
-        (dict(top_k=0), "top_k"),
-        (dict(top_p=0.0), "top_p"),
-        (dict(top_p=1.5), "top_p"),
-    ],
-)
-def test_generate_rejects_bad_sampling_settings(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        tiny().generate(random_ids(1, 3), 2, **kwargs)
 
 
 def test_from_pretrained_missing_directory_or_config(tmp_path):

@@ -1,0 +1,542 @@
+"""The decoding engine: KV-cache slots, prefill, the batched decode step, per-sequence sampling
+settings and continuous batching. It takes and yields token ids: no tokenizer, no HTTP.
+
+    engine = Engine(model, max_batch=8)
+    outputs = engine.generate([[50256, 464], [464]], SamplingParams(max_tokens=20, temperature=0))
+
+How a step works (`Engine.step`):
+  1. cancelled sequences leave, freeing their slots;
+  2. waiting requests are prefilled, each into free slots (a request with n choices is prefilled
+     once and its keys/values copied to the other n - 1 slots), and their first token is drawn;
+  3. every running sequence advances one token in ONE forward pass of shape (B, 1): each row
+     sits at its own position (GPT-2's absolute positions: a row's next position is its length)
+     and attends only to its own keys (a (B, 1, 1, span) mask hides keys past its length);
+  4. sequences that drew a stop token or reached max_tokens leave; the last running row moves
+     into the freed slot, so the running rows are always slots 0..B-1 and the decode step works
+     on views of the cache, never on gathered copies.
+
+Sampling is per row: temperature (0 = greedy), top_k, top_p and a seed. A row's random number
+for its i-th token is a hash of (its seed, i) (splitmix64, computed for all rows at once), and
+the token is found by inverse-CDF over its probabilities, so a seeded request gives the same
+tokens whatever else is in the batch. Rows with top-k/top-p sample in sorted order, rows
+without in vocabulary order: which one depends only on the row's own settings.
+
+Precision: the engine computes in the model's weight dtype, or under autocast when `dtype`
+differs from it. For bf16 weights (half the bytes per token), convert the model first
+(`model.to(torch.bfloat16)`); `python bench.py serve` measures both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for
+
+FINISH_STOP = "stop"  # drew one of its stop tokens (not part of the output)
+FINISH_LENGTH = "length"  # reached max_tokens
+FINISH_CANCELLED = "cancelled"  # Engine.cancel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated.
+
+    max_tokens: tokens to generate at most (>= 1).
+    temperature: 0 picks the most likely token (greedy); else logits / temperature.
+    top_k: sample among the k most likely tokens (None: all).
+    top_p: sample among the most likely tokens holding top_p of the probability (None or 1: all);
+        applied after top_k.
+    seed: the same seed gives the same tokens (None: a random one).
+    stop_token_ids: tokens that end the sequence; the stop token is not part of the output.
+    logprobs: None, or N >= 0: with every token, its log-probability under the model (before
+        temperature and filtering) and the N most likely alternatives.
+    prompt_logprobs: also give the prompt's tokens' log-probabilities (and N alternatives).
+    Raises ValueError naming a setting outside its range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many alternatives per token)")
+
+    @property
+    def filtered(self) -> bool:
+        """Whether this row samples in sorted order (top-k or top-p on)."""
+        return self.temperature > 0 and (self.top_k is not None or (self.top_p is not None and self.top_p < 1))
+
+
+@dataclass
+class Output:
+    """One event of a sequence: a new token, or its end (token None, finish_reason set).
+
+    logprob: the token's log-probability under the model; top_logprobs: [(token, logprob)] of the
+    N most likely tokens, most likely first (both None unless the request asked for logprobs).
+    """
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+class Sequence:
+    """One generation: the prompt, its settings, the tokens so far, and `sink`, called as
+    sink(sequence, Output) for each event on the thread that runs Engine.step."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, seed: int, index: int,
+                 sink: Callable[["Sequence", Output], None]):
+        self.prompt = prompt
+        self.params = params
+        self.seed = seed  # a signed 64-bit int
+        self.index = index  # which choice of its request (0..n-1)
+        self.sink = sink
+        self.tokens: list[int] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ------------------------------------------------------------------------- the cache
+
+
+class SlotCache:
+    """Keys and values of `slots` sequences for every layer: k and v (n_layer, slots, nh,
+    block_size, hs). A slot holds one sequence; the engine tells the cache what the next forward
+    pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls `update`."""
+
+    def __init__(self, config, slots: int, device, dtype):
+        shape = (config.n_layer, slots, config.n_head, config.block_size, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._slot = self._T = self._B = self._span = 0
+        self._index = self._mask = None
+        self._mode = None
+
+    def begin_prefill(self, slot: int, T: int) -> None:
+        """The next pass is one sequence (1, T) at positions 0..T-1, written into `slot`."""
+        self._mode, self._slot, self._T = "prefill", slot, T
+
+    def begin_decode(self, B: int, positions: torch.Tensor, span: int, mask: torch.Tensor) -> None:
+        """The next pass is one token for each of slots 0..B-1, slot b's at positions[b] (B,);
+        every row attends over keys 0..span-1 where mask (B, 1, 1, span) is True."""
+        self._mode, self._B, self._span, self._mask = "decode", B, span, mask
+        hs = self.k.size(-1)
+        self._index = positions.view(B, 1, 1, 1).expand(B, self.k.size(2), 1, hs)  # scatter index (B, nh, 1, hs)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over."""
+        if self._mode == "prefill":
+            self.k[layer, self._slot, :, : self._T] = k[0]
+            self.v[layer, self._slot, :, : self._T] = v[0]
+            return k, v, None  # causal attention within the prompt
+        keys, values = self.k[layer, : self._B], self.v[layer, : self._B]  # views (B, nh, block_size, hs)
+        keys.scatter_(2, self._index, k)
+        values.scatter_(2, self._index, v)
+        return keys[:, :, : self._span], values[:, :, : self._span], self._mask
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst (every layer)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+# ---------------------------------------------------------------------- sampling
+
+_U64 = 1 << 64
+
+
+def _signed64(x: int) -> int:
+    x %= _U64
+    return x - _U64 if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> is arithmetic)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One number in [0, 1) per row from (seed, counter), both int64 (B,): splitmix64's output
+    for state seed + (counter + 1) * golden ratio (Steele et al. 2014). Pure integer arithmetic
+    (wrapping int64 multiplies), so a row's number depends on nothing but its own two values."""
+    z = seeds + (counters + 1) * _GOLDEN
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11).to(torch.float64) * 2.0**-53
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed` (a signed 64-bit int)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) % _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % _U64
+    return _signed64(z ^ (z >> 31))
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds u (B,) times the total;
+    zero-probability entries are never chosen. probs (B, V) -> (B,) int64."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                filtered: torch.Tensor, u: torch.Tensor, any_sampled: bool = True,
+                any_filtered: bool = True) -> torch.Tensor:
+    """One token per row of logits (B, V), each row with its own settings.
+
+    temperature (B,): 0 = greedy (argmax). top_k (B,) int64, 0 = off. top_p (B,), > 1 = off.
+    filtered (B,) bool: the row samples in sorted order with top-k then top-p applied (a token is
+    dropped when the tokens ranked above it already hold top_p of the mass; the most likely
+    always stays); other rows sample in vocabulary order. u (B,) float64 in [0, 1): the row's
+    random number. any_sampled / any_filtered: whether some row samples / is filtered (False
+    skips that work). Returns (B,) int64.
+    """
+    greedy = logits.argmax(dim=-1)
+    if not any_sampled:
+        return greedy
+    scaled = logits / temperature.clamp(min=1e-6).unsqueeze(1).to(logits.dtype)  # (B, V)
+    tokens = _inverse_cdf(torch.softmax(scaled, dim=-1), u)
+    if any_filtered:
+        rows = filtered.nonzero().squeeze(1)
+        sorted_logits, order = torch.sort(scaled[rows], dim=-1, descending=True)  # (R, V)
+        rank = torch.arange(sorted_logits.size(-1), device=logits.device)
+        k = top_k[rows]
+        sorted_logits.masked_fill_((k > 0).unsqueeze(1) & (rank >= k.unsqueeze(1)), float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p[rows].unsqueeze(1).to(probs.dtype)
+        probs = probs.masked_fill(drop, 0.0)
+        picked = order.gather(1, _inverse_cdf(probs, u[rows]).unsqueeze(1)).squeeze(1)
+        tokens = tokens.index_put((rows,), picked)
+    return torch.where(temperature == 0, greedy, tokens)
+
+
+def _top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int):
+    """Per row of log-probabilities (R, V): the chosen token's value and the n best (token, value)."""
+    values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    if n == 0:
+        return values, [[] for _ in values]
+    top = torch.topk(logprobs, n, dim=-1)
+    return values, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+
+
+# ------------------------------------------------------------------------ the engine
+
+
+class Engine:
+    """Continuous batching over a fixed number of cache slots.
+
+    model: a model.GPT (put in eval mode; not otherwise changed).
+    max_batch: cache slots, i.e. sequences decoded together at most.
+    dtype: compute dtype (default: the weights'); another dtype runs under autocast.
+    vocab_limit: sample only ids below it (a tokenizer with fewer tokens than a padded vocab).
+    context_shift: let a sequence run past block_size by re-reading its last block_size tokens
+        at every further step (the positions are absolute, so nothing cached can be kept); without
+        it `add` refuses a prompt + max_tokens longer than block_size.
+
+    Thread safety: `add` and `cancel` may be called from any thread; `step` (or `run`) from one.
+    """
+
+    def __init__(self, model, max_batch: int = 8, dtype: torch.dtype | None = None,
+                 vocab_limit: int | None = None, context_shift: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.config
+        if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
+            raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
+        self.model = model.eval()
+        weight = model.transformer.wte.weight
+        self.device = weight.device
+        self.dtype = dtype or weight.dtype
+        self.block_size = cfg.block_size
+        self.vocab_limit = vocab_limit
+        self.context_shift = context_shift
+        self.max_batch = max_batch
+        self.cache = SlotCache(cfg, max_batch, self.device, self.dtype)
+        S, dev = max_batch, self.device
+        # Per-slot state; rows 0..B-1 are the running sequences.
+        self.rows: list[Sequence] = []
+        self.inputs = torch.zeros(S, dtype=torch.long, device=dev)  # the token each row feeds next
+        self.lengths = torch.zeros(S, dtype=torch.long, device=dev)  # tokens in the row's cache
+        self.temperature = torch.ones(S, device=dev)
+        self.top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(S, device=dev)
+        self.filtered = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.seeds = torch.zeros(S, dtype=torch.long, device=dev)
+        self.counters = torch.zeros(S, dtype=torch.long, device=dev)  # tokens drawn so far
+        self._positions = torch.arange(self.block_size, device=dev)
+        self._waiting: deque[list[Sequence]] = deque()
+        self._cancelled: set[Sequence] = set()
+        self._cond = threading.Condition()
+        self._seed_source = torch.Generator().manual_seed(torch.initial_seed())
+
+    # ---------------------------------------------------------------- requests
+
+    def add(self, prompt: list[int], params: SamplingParams, sink: Callable[[Sequence, Output], None],
+            n: int = 1) -> list[Sequence]:
+        """Queue a request of n choices that share `prompt` (1..block_size token ids); each
+        choice's events go to sink(sequence, Output) (choice i has .index == i; its seed is
+        derived from params.seed and i). The choices are prefilled max_batch at a time (one
+        prefill each time, copied to the others). Returns the n Sequences (for `cancel`).
+        Raises ValueError for an empty or too long prompt, an id outside the vocabulary, or n < 1.
+        """
+        T = len(prompt)
+        if not 1 <= T <= self.block_size:
+            raise ValueError(f"the prompt must hold 1 to {self.block_size} tokens, got {T}")
+        if not self.context_shift and T + params.max_tokens > self.block_size:
+            raise ValueError(f"prompt ({T} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                             f"(block_size {self.block_size})")
+        vocab = self.vocab_limit or self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token id {next(t for t in prompt if not 0 <= t < vocab)} is outside "
+                             f"the vocabulary (vocab_size={vocab})")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if params.seed is None:
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=self._seed_source))
+        else:
+            seed = _signed64(params.seed)
+        group = [Sequence(list(prompt), params, derive_seed(seed, i), i, sink) for i in range(n)]
+        with self._cond:
+            for start in range(0, n, self.max_batch):
+                self._waiting.append(group[start : start + self.max_batch])
+            self._cond.notify()
+        return group
+
+    def cancel(self, sequences: Iterable[Sequence]) -> None:
+        """End these sequences at the next step (their slots are freed then); a finished one is ignored."""
+        with self._cond:
+            self._cancelled.update(sequences)
+            self._cond.notify()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests (not choices) queued and not yet prefilled."""
+        return len(self._waiting)
+
+    # -------------------------------------------------------------------- steps
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Cancel, admit, decode once (see the module docstring). Returns whether any sequence
+        is still running or waiting."""
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                self._waiting = deque(g for g in self._waiting if not all(s in cancelled for s in g))
+        with self._autocast():
+            self._cancel(cancelled)
+            self._admit()
+            if self.rows:
+                self._decode()
+        return bool(self.rows or self._waiting)
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
+        """Step until `stop` is set, sleeping while there is no work (woken by add/cancel)."""
+        while not stop.is_set():
+            if not self.step():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._waiting or self._cancelled or stop.is_set(), idle_wait_s)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+                 ) -> list[list[int]]:
+        """Generate for every prompt (n choices each) on this thread; returns the tokens of each
+        choice, prompt by prompt, choice by choice (stop tokens not included)."""
+        results: dict[tuple[int, int], list[int]] = {}
+        for i, _, out in self.stream(prompts, params, n):
+            if out.token is not None:
+                results.setdefault(i, []).append(out.token)
+        return [results.get((p, c), []) for p in range(len(prompts)) for c in range(n)]
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+               ) -> Iterator[tuple[tuple[int, int], Sequence, Output]]:
+        """Generate on this thread, yielding ((prompt index, choice), sequence, Output) as they
+        come. Closing the iterator early cancels what is unfinished."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        events: deque[tuple[Sequence, Output]] = deque()
+        groups = [self.add(prompt, prm, lambda seq, out: events.append((seq, out)), n)
+                  for prompt, prm in zip(prompts, params_list, strict=True)]
+        where = {id(s): (p, s.index) for p, g in enumerate(groups) for s in g}
+        pending = len(where)
+        try:
+            while pending:
+                more = self.step()
+                while events:
+                    seq, out = events.popleft()
+                    pending -= out.finish_reason is not None
+                    yield where[id(seq)], seq, out
+                if pending and not more:
+                    raise RuntimeError("the engine went idle with sequences unfinished")  # internal invariant
+        finally:
+            if pending:
+                self.cancel([s for g in groups for s in g if not s.finished])
+                self.step()
+
+    # ------------------------------------------------------------------ internals
+
+    def _autocast(self):
+        if self.dtype == self.model.transformer.wte.weight.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _cancel(self, cancelled: set[Sequence]) -> None:
+        for seq in cancelled:
+            if seq.finished:
+                continue
+            if seq in self.rows:
+                self._release(self.rows.index(seq))
+            self._finish(seq, FINISH_CANCELLED)
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._waiting[0]) > self.max_batch - len(self.rows):
+                    return
+                group = self._waiting.popleft()
+            group = [s for s in group if not s.finished]
+            if group:
+                self._prefill(group)
+
+    def _set_row(self, r: int, seq: Sequence, length: int) -> None:
+        p = seq.params
+        self.lengths[r] = length
+        self.temperature[r] = p.temperature
+        self.top_k[r] = p.top_k or 0
+        self.top_p[r] = p.top_p if p.top_p is not None and p.top_p < 1 else 2.0  # 2: never drops a token
+        self.filtered[r] = p.filtered
+        self.seeds[r] = seq.seed
+        self.counters[r] = len(seq.tokens)
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Run the group's shared prompt into the next free slot, copy it to one slot per further
+        choice, and draw every choice's first token."""
+        prompt = group[0].prompt
+        T, r = len(prompt), len(self.rows)
+        logits = self._forward_prompt(r, prompt, all_rows=group[0].params.prompt_logprobs)  # (T or 1, V)
+        for j, seq in enumerate(group):
+            if j:
+                self.cache.copy_slot(r, r + j, T)
+            self.rows.append(seq)
+            self._set_row(r + j, seq, T)
+        if group[0].params.prompt_logprobs:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            values, tops = _top_logprobs(logprobs, torch.tensor(prompt[1:], device=self.device),
+                                         group[0].params.logprobs)
+            prompt_lp = [None] + list(zip(values, tops))
+            for seq in group:
+                seq.prompt_logprobs = prompt_lp
+        self._draw(r, r + len(group), logits[-1:].expand(len(group), -1))
+
+    def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
+        """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
+        position (1, V), or of every position (T, V) with all_rows."""
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        self.cache.begin_prefill(slot, len(tokens))
+        h = self.model.hidden_states(idx, self.cache)[0]  # (T, C)
+        return self._logits(h if all_rows else h[-1:])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()[:, : self.vocab_limit]  # a prefix: an index is still the id
+
+    def _decode(self) -> None:
+        B, L = len(self.rows), self.block_size
+        lengths = self.lengths[:B]
+        positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
+        span = int(positions.max()) + 1
+        mask = (self._positions[:span].unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, span)
+        self.cache.begin_decode(B, positions, span, mask)
+        h = self.model.hidden_states(self.inputs[:B].unsqueeze(1), self.cache, positions.unsqueeze(1))  # (B, 1, C)
+        logits = self._logits(h[:, 0])  # (B, V)
+        full = (lengths == L).nonzero().squeeze(1).tolist() if span == L else []
+        lengths.add_(1).clamp_(max=L)
+        for r in full:  # context shift: the newest block_size tokens, from position 0 again
+            seq = self.rows[r]
+            logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
+        self._draw(0, B, logits)
+
+    def _draw(self, start: int, end: int, logits: torch.Tensor) -> None:
+        """Sample a token for rows start..end-1 from logits (end - start, V), hand each to its
+        sequence, and release the rows that finished."""
+        rows = slice(start, end)
+        seqs = self.rows[start:end]
+        any_sampled = any(s.params.temperature > 0 for s in seqs)
+        any_filtered = any(s.params.filtered for s in seqs)
+        u = uniforms(self.seeds[rows], self.counters[rows]) if any_sampled else None
+        tokens = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                             self.filtered[rows], u, any_sampled, any_filtered)
+        self.inputs[rows] = tokens
+        self.counters[rows] += 1
+        want = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        values = tops = None
+        if want is not None:
+            values, tops = _top_logprobs(torch.log_softmax(logits, dim=-1), tokens, want)
+        done = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            p = seq.params
+            if token in p.stop_token_ids:
+                done.append((start + i, FINISH_STOP))
+                continue
+            seq.tokens.append(token)
+            out = Output(token)
+            if p.logprobs is not None:
+                out.logprob, out.top_logprobs = values[i], tops[i][: p.logprobs]
+            seq.sink(seq, out)
+            if len(seq.tokens) >= p.max_tokens:
+                done.append((start + i, FINISH_LENGTH))
+        for r, reason in reversed(done):
+            seq = self.rows[r]
+            self._release(r)
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.sink(seq, Output(None, finish_reason=reason))
+
+    def _release(self, r: int) -> None:
+        """Free row r: the last running row moves into it, so rows stay 0..B-1."""
+        last = len(self.rows) - 1
+        if r != last:
+            length = int(self.lengths[last])
+            self.cache.copy_slot(last, r, length)
+            for t in (self.inputs, self.lengths, self.temperature, self.top_k, self.top_p, self.filtered,
+                      self.seeds, self.counters):
+                t[r] = t[last]
+            self.rows[r] = self.rows[last]
+        self.rows.pop()

@@ -1,0 +1,597 @@
+"""An OpenAI-compatible HTTP server over the decoding engine.
+
+    python serve.py --checkpoint out/small --port 8000
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "small", "prompt": "ROMEO:", "max_tokens": 40, "temperature": 0.8}'
+
+--checkpoint takes what sample.py takes (a run's out_dir, a checkpoint, a GPT-2 directory) and
+is loaded by the same helper. Endpoints:
+
+  POST /v1/completions   OpenAI's completions API: prompt (a string, a list of strings, token
+                         ids, or a list of token-id lists), max_tokens (default 16), temperature,
+                         top_p, top_k (an extension), n, stop (up to 4 strings), seed, stream
+                         (server-sent events ending `data: [DONE]`), stream_options.include_usage,
+                         logprobs (0-5 alternatives per token), echo; user is ignored.
+  GET  /v1/models        the one model served (named after the checkpoint, or --model_name)
+  GET  /health           {"status": "ok", "running": ..., "waiting": ...}
+
+Every request is tokenized here and runs on one engine.Engine in a background thread, so
+requests decode together (continuous batching, --max_batch slots). At most --max_queue further
+sequences wait for a slot; past that a request gets 429. Errors have OpenAI's JSON shape
+({"error": {"message", "type", "param", "code"}}): 400 for a bad field or a prompt + max_tokens
+past the context, 401 for a missing or wrong API key (--api_key or $SERVE_API_KEY), 404 for an
+unknown model, 429 for a full queue. A client that disconnects has its sequences cancelled at
+the next decode step. SIGTERM (or Ctrl-C) stops accepting connections, lets running requests
+finish for up to --shutdown_timeout seconds, cancels the rest and exits 0. One line per request
+goes to stderr: tokens in and out, time to first token, tokens/s, finish reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import devices
+from engine import FINISH_CANCELLED, FINISH_LENGTH, Engine, Output, SamplingParams
+from errors import ServeError, exit_status
+from sample import load_model
+from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
+
+try:  # the optional `serve` extra; run() says how to install it when it is missing
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+except ImportError as err:
+    _MISSING_EXTRA: ImportError | None = err
+else:
+    _MISSING_EXTRA = None
+
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_LOGPROBS = 5  # alternatives per token (OpenAI's limit)
+MAX_N = 128
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+API_KEY_ENV = "SERVE_API_KEY"
+
+
+# ------------------------------------------------------------------------ errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             429: "rate_limit_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------- requests
+
+
+@dataclass
+class CompletionRequest:
+    """A checked /v1/completions body: prompts as token ids, and the sampling settings."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    echo: bool
+    include_usage: bool
+
+
+def _check_type(body: dict, name: str, kinds: tuple, what: str, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds:
+        raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
+    if not isinstance(value, kinds):
+        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", name)
+    return value
+
+
+def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionRequest:
+    """Check a /v1/completions body and tokenize its prompts. Raises APIError (400) naming the
+    field, its value and the rule."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None),
+                          ("suffix", None), ("best_of", None)):
+        value = body.get(name)
+        if value is not None and value != neutral and not (name == "best_of" and value == body.get("n", 1)):
+            raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
+    prompts = _prompts(body.get("prompt"), enc, vocab_size)
+    max_tokens = _check_type(body, "max_tokens", (int,), "an integer >= 1", DEFAULT_MAX_TOKENS)
+    if max_tokens < 1:
+        raise APIError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", "max_tokens")
+    for ids in prompts:
+        if len(ids) + max_tokens > block_size:
+            raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
+                                f"completion). Please reduce your prompt; or completion length.",
+                           "max_tokens", "context_length_exceeded")
+    temperature = _check_type(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
+    top_p = _check_type(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off)", 0)
+    if top_k < -1:
+        raise APIError(400, f"'top_k' must be >= 1, or -1 or 0 for off, got {top_k}", "top_k")
+    n = _check_type(body, "n", (int,), f"an integer in [1, {MAX_N}]", 1)
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
+    seed = _check_type(body, "seed", (int,), "an integer", None)
+    logprobs = _check_type(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them, "
+                            f"got {json.dumps(body.get('stop'))[:80]}", "stop")
+    stream = _check_type(body, "stream", (bool,), "a boolean", False)
+    echo = _check_type(body, "echo", (bool,), "a boolean", False)
+    options = _check_type(body, "stream_options", (dict,), "an object", {})
+    include_usage = bool(options.get("include_usage", False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k if top_k > 0 else None,
+                            top_p=float(top_p) if top_p < 1 else None, seed=seed,
+                            stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
+                            logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    return CompletionRequest(prompts, params, n, stop, stream, echo, include_usage)
+
+
+def _prompts(prompt, enc, vocab_size: int) -> list[list[int]]:
+    """`prompt` as token-id lists: a string, a list of strings, a list of ids, or a list of id lists.
+    An empty string starts from <|endoftext|>, as sample.py does."""
+    rule = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+    if prompt is None:
+        raise APIError(400, "'prompt' is required", "prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise APIError(400, f"'prompt' must be {rule}, got {json.dumps(prompt)[:80]}", "prompt")
+    out = []
+    for item in prompt:
+        if isinstance(item, str):
+            out.append(enc.encode_ordinary(item) or [EOT_TOKEN])
+        elif (isinstance(item, list) and item
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})", "prompt")
+            out.append(list(item))
+        else:
+            raise APIError(400, f"'prompt' must be {rule}, got an item {json.dumps(item)[:80]}", "prompt")
+    return out
+
+
+# ----------------------------------------------------------------------- choices
+
+
+@dataclass
+class Choice:
+    """One choice's text as it is generated: detokenized incrementally, cut at a stop string,
+    with the part that could still become a stop string held back from a stream."""
+
+    index: int
+    stream: TextStream
+    stops: list[str]
+    text: str = ""  # generated text so far (cut at a stop string once one appears)
+    sent: int = 0  # characters of `text` already streamed
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prefix: str = ""  # the echoed prompt, sent before the first piece
+
+    def add(self, out: Output) -> bool:
+        """Take one token; returns True when a stop string now ends the choice."""
+        self.offsets.append(len(self.text))
+        self.tokens.append(out.token)
+        self.token_logprobs.append(out.logprob)
+        self.top_logprobs.append(out.top_logprobs)
+        before = len(self.text)
+        self.text += self.stream.feed([out.token])
+        if self.stops:
+            longest = max(map(len, self.stops))
+            start = max(0, before - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+                return True
+        return False
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.text += self.stream.finish()
+            self.finish_reason = "stop" if reason != FINISH_LENGTH else "length"
+
+    def ready(self) -> str:
+        """New text safe to send: all of it once finished, else all but a possible stop-string start."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            for k in range(min(end - self.sent, max(map(len, self.stops), default=1) - 1), 0, -1):
+                if any(s.startswith(self.text[end - k:]) for s in self.stops):
+                    end -= k
+                    break
+        piece, self.sent = self.text[self.sent: end], max(self.sent, end)
+        return piece
+
+
+# ------------------------------------------------------------------------- server
+
+
+class Server:
+    """The model, its engine (stepped by a background thread), the tokenizer and the queue bound."""
+
+    def __init__(self, model, model_name: str, enc, max_batch: int, max_queue: int, dtype: torch.dtype,
+                 api_key: str | None, log=None):
+        self.model_name, self.enc, self.api_key = model_name, enc, api_key
+        self.config = model.config
+        self.engine = Engine(model, max_batch=max_batch, dtype=dtype,
+                             vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
+        self.capacity = max_batch + max_queue  # sequences running or waiting
+        self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
+        self.created = int(time.time())
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self.engine.run(self._stop)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def token_text(self, token: int) -> str:
+        return self.enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+    def completion(self, body) -> CompletionRequest:
+        """Check one /v1/completions body against the model and the queue bound. Raises APIError."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
+                           "model", "model_not_found")
+        req = parse_completion(body, self.enc, self.config.block_size, self.config.vocab_size)
+        count = len(req.prompts) * req.n
+        if count > self.capacity:
+            raise APIError(400, f"this request asks for {count} sequences ({len(req.prompts)} prompts x n={req.n}); "
+                                f"the server holds at most {self.capacity} (--max_batch + --max_queue)", "n")
+        if self.outstanding + count > self.capacity:
+            raise APIError(429, f"the server is busy: {self.outstanding} sequences running or queued, {count} more "
+                                f"would pass its bound of {self.capacity} (--max_batch + --max_queue); retry later")
+        return req
+
+
+def build_app(server: Server):
+    """The FastAPI application for `server`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        yield
+        server.stop()
+
+    app = FastAPI(title="gpt2-accelerate", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if server.api_key is not None:
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {server.api_key}":
+                what = "no API key was given" if not given else "the API key is wrong"
+                error = APIError(401, f"{what}: send 'Authorization: Bearer <key>' (the server's --api_key)",
+                                 None, "invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.get("/health")
+    async def health():
+        running = server.engine.num_running
+        return {"status": "ok", "running": running, "waiting": max(server.outstanding - running, 0)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "gpt2-accelerate", "max_model_len": server.config.block_size}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        start = time.perf_counter()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON ({err})") from None
+        req = server.completion(body)
+        run = _Run(server, req, start, request)
+        if req.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await run.whole())
+
+    return app
+
+
+class _Run:
+    """One admitted request: its sequences on the engine, its choices, and how it is answered."""
+
+    def __init__(self, server: Server, req: CompletionRequest, start: float, request):
+        self.server, self.req, self.start, self.request = server, req, start, request
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        enc = server.enc
+        n = req.n
+        self.choices = [Choice(p * n + i, TextStream(enc), req.stop) for p in range(len(req.prompts)) for i in range(n)]
+        self.sequences = []
+        self.first_token_at: float | None = None
+        self.open = len(self.choices)
+        server.outstanding += len(self.choices)
+        for p, prompt in enumerate(req.prompts):
+            sink = (lambda seq, out, p=p: loop.call_soon_threadsafe(self._deliver, p * n + seq.index, seq, out))
+            self.sequences += server.engine.add(prompt, req.params, sink, n)
+        self.finished = False
+
+    def _deliver(self, index: int, seq, out: Output) -> None:
+        """On the event loop: queue an engine event; a sequence's end frees its place in the bound
+        whether or not anyone still reads the response."""
+        if out.finish_reason is not None:
+            self.server.outstanding -= 1
+        self.queue.put_nowait((index, seq, out))
+
+    def _close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            unfinished = [s for s in self.sequences if not s.finished]
+            if unfinished:
+                self.server.engine.cancel(unfinished)
+
+    async def events(self):
+        """(choice, finished) as tokens arrive, until every choice is done."""
+        while self.open:
+            index, seq, out = await self.queue.get()
+            if index is None:  # the client went away
+                return
+            choice = self.choices[index]
+            if choice.finish_reason is not None and out.token is not None:
+                continue  # a stop string already ended it; the engine is cancelling it
+            if out.token is not None:
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                if choice.add(out):
+                    self.server.engine.cancel([seq])
+                    self.open -= 1
+                    yield choice, True
+                    continue
+                yield choice, False
+            elif out.finish_reason != FINISH_CANCELLED or choice.finish_reason is None:
+                if choice.finish_reason is None:
+                    choice.finish(out.finish_reason)
+                    self.open -= 1
+                    yield choice, True
+
+    def _echo(self, choice: Choice) -> tuple[str, dict | None]:
+        """The prompt's text and logprobs for an echoed choice."""
+        prompt = self.req.prompts[choice.index // self.req.n]
+        text = self.server.enc.decode(prompt)
+        seq = self.sequences[choice.index]
+        lp = None
+        if self.req.params.logprobs is not None:
+            offsets, at = [], 0
+            for t in prompt:
+                offsets.append(at)
+                at += len(self.server.token_text(t))
+            entries = seq.prompt_logprobs or [None] * len(prompt)
+            lp = {"tokens": [self.server.token_text(t) for t in prompt],
+                  "token_logprobs": [e[0] if e else None for e in entries],
+                  "top_logprobs": [self._top(e[1]) if e else None for e in entries],
+                  "text_offset": offsets}
+        return text, lp
+
+    def _top(self, pairs) -> dict:
+        out = {}
+        for token, value in pairs:
+            out.setdefault(self.server.token_text(token), value)
+        return out
+
+    def _logprobs(self, choice: Choice, first: int, last: int, base: int) -> dict | None:
+        if self.req.params.logprobs is None:
+            return None
+        keep = [i for i in range(first, last) if choice.offsets[i] < len(choice.text) or i == first == last - 1]
+        return {"tokens": [self.server.token_text(choice.tokens[i]) for i in keep],
+                "token_logprobs": [choice.token_logprobs[i] for i in keep],
+                "top_logprobs": [self._top(choice.top_logprobs[i]) for i in keep],
+                "text_offset": [base + choice.offsets[i] for i in keep]}
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.req.prompts)
+        completion = sum(len(s.tokens) for s in self.sequences)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _watch(self) -> None:
+        """Cancel the request's sequences when its client goes away (non-streamed requests)."""
+        while not self.finished:
+            if await self.request.is_disconnected():
+                self._close()
+                self.queue.put_nowait((None, None, None))
+                return
+            await asyncio.sleep(0.05)
+
+    async def whole(self) -> dict:
+        watcher = asyncio.create_task(self._watch())
+        try:
+            async for _ in self.events():
+                pass
+        finally:
+            watcher.cancel()
+            status = "200" if not self.open else "cancelled (client gone)"
+            self._close()
+            self._log(status)
+        choices = []
+        for choice in self.choices:
+            text, lp, base = "", None, 0
+            if self.req.echo:
+                text, lp = self._echo(choice)
+                base = len(text)
+            gen_lp = self._logprobs(choice, 0, len(choice.tokens), base)
+            if lp is not None and gen_lp is not None:
+                lp = {k: lp[k] + gen_lp[k] for k in lp}
+            choices.append({"text": text + choice.text, "index": choice.index, "logprobs": lp or gen_lp,
+                            "finish_reason": choice.finish_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.server.model_name, "choices": choices, "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.server.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def sse(self):
+        status = "200 stream"
+        sent_tokens = [0] * len(self.choices)
+        try:
+            if self.req.echo:
+                for choice in self.choices:
+                    text, lp = self._echo(choice)
+                    choice.prefix = text
+                    yield self._chunk([{"text": text, "index": choice.index, "logprobs": lp, "finish_reason": None}])
+            async for choice, finished in self.events():
+                piece = choice.ready()
+                first = sent_tokens[choice.index]
+                last = len(choice.tokens)
+                if not piece and not finished:
+                    continue
+                sent_tokens[choice.index] = last
+                lp = self._logprobs(choice, first, last, len(choice.prefix))
+                yield self._chunk([{"text": piece, "index": choice.index, "logprobs": lp,
+                                    "finish_reason": choice.finish_reason if finished else None}])
+            if self.req.include_usage:
+                yield self._chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        except BaseException:  # the client went away (or the server is stopping): free the slots
+            status = "cancelled"
+            raise
+        finally:
+            self._close()
+            self._log(status)
+
+    def _log(self, status: str) -> None:
+        end = time.perf_counter()
+        usage = self.usage()
+        ttft = f"{1000 * (self.first_token_at - self.start):.0f} ms" if self.first_token_at else "-"
+        decode = end - (self.first_token_at or end)
+        rate = (usage["completion_tokens"] - len(self.choices)) / decode if decode > 0 else float("nan")
+        reasons = ",".join(sorted({c.finish_reason or "cancelled" for c in self.choices}))
+        self.server.log(f"POST /v1/completions {status} {self.id}: prompt_tokens={usage['prompt_tokens']} "
+                        f"completion_tokens={usage['completion_tokens']} choices={len(self.choices)} ttft={ttft} "
+                        f"decode={rate:.1f} tokens/s total={1000 * (end - self.start):.0f} ms finish={reasons}")
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Serve a GPT-2 checkpoint over OpenAI's completions API.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training out_dir (its latest checkpoint), a checkpoint directory, or a GPT-2 directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model_name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
+    p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max_queue", type=int, default=32, help="sequences that may wait for a slot; more get 429")
+    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}; unset: none)")
+    p.add_argument("--shutdown_timeout", type=float, default=10.0,
+                   help="seconds running requests may take to finish after SIGTERM before they are cancelled")
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=devices.DTYPES,
+                   help="float32 (default: the same tokens as transformers' fp32 greedy decode), bfloat16, or "
+                        "auto (bf16 where native)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch < 1:
+        p.error(f"--max_batch must be >= 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        p.error(f"--max_queue must be >= 0, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key:
+        p.error("--api_key is empty")
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    if _MISSING_EXTRA is not None:
+        raise ServeError(f"serve.py needs the serve extra ({_MISSING_EXTRA.name} is missing): "
+                         f"pip install -e \".[serve]\"")
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    with socket.socket() as probe:  # say so now, not after loading the model
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise ServeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    enc = gpt2_tokenizer()
+    model, directory = load_model(args.checkpoint, device)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    server = Server(model, name, enc, args.max_batch, args.max_queue, dtype, args.api_key)
+    cfg = model.config
+    print(f"serving {directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
+          f"{device}, {str(dtype).removeprefix('torch.')}, max_batch={args.max_batch}, max_queue={args.max_queue}"
+          f"{', API key required' if args.api_key else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn re-raises the signal that stopped it once it has shut down; a SIGTERM or Ctrl-C that
+    # ends in a clean shutdown is a normal exit here (status 0), so the handler it restores ignores it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
+    print("stopped", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""serve.py: one real server (a subprocess on a free local port, a tiny random GPT-2 saved by the
+project's own checkpoint writer) driven through the real `openai` client: completions streamed
+and not, prompt lists, n, stop strings, seeds, logprobs against the model's own log-softmax,
+greedy text equal to transformers' greedy decode alone and inside a busy batch, every error,
+the queue bound, a disconnect freeing its slots, and SIGTERM (last: it stops the server)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import openai
+import pytest
+import torch
+
+import checkpoints
+from conftest import ROOT, env, wait_until
+from model import GPT, GPTConfig
+from tokenizer import gpt2_tokenizer
+
+KEY = "test-key"
+NAME = "tiny"
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=256)
+MAX_BATCH, MAX_QUEUE = 4, 4
+
+
+def tiny_model() -> GPT:
+    """Random weights spread out enough that greedy text varies with the context."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SHAPE))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("serve") / NAME
+    ckpt = checkpoints.save_weights(run_dir, 1, tiny_model())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--port", str(port),
+                             "--max_batch", str(MAX_BATCH), "--max_queue", str(MAX_QUEUE), "--shutdown_timeout", "5"],
+                            cwd=ROOT, env={**env(), "SERVE_API_KEY": KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+
+    def up() -> bool:
+        try:
+            return http("GET", base + "/health", key=KEY)[0] == 200
+        except OSError:
+            return proc.poll() is not None  # stop waiting if it died
+
+    assert wait_until(up, timeout=120, interval=0.2) and proc.poll() is None, "".join(lines)
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    yield dict(proc=proc, base=base, client=client, ckpt=ckpt, lines=lines)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def http(method: str, url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def weights(server):
+    return GPT.from_pretrained(server["ckpt"]).eval()
+
+
+def create(server, **kwargs):
+    return server["client"].completions.create(model=NAME, **kwargs)
+
+
+def streamed(server, **kwargs) -> tuple[dict[int, str], dict[int, str], object]:
+    """Texts and finish reasons by choice index of a streamed completion, and its usage chunk."""
+    texts, reasons, usage = {}, {}, None
+    for chunk in create(server, stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons, usage
+
+
+@torch.no_grad()
+def hf_greedy(server, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(server["ckpt"], torch_dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=50256)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def test_models_and_health(server):
+    models = server["client"].models.list()
+    assert [m.id for m in models.data] == [NAME]
+    status, body = http("GET", server["base"] + "/health", key=KEY)
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_stream_pieces_join_to_the_whole_completion(server):
+    kwargs = dict(prompt="ROMEO:", max_tokens=24, temperature=1.0, seed=3)
+    whole = create(server, **kwargs)
+    texts, reasons, usage = streamed(server, **kwargs)
+    assert texts == {0: whole.choices[0].text} and len(whole.choices[0].text) > 10
+    assert reasons == {0: "length"} and whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == usage.prompt_tokens == 3  # "ROMEO:" is 3 tokens
+    assert whole.usage.completion_tokens == usage.completion_tokens == 24
+    assert whole.usage.total_tokens == 27
+
+
+def test_greedy_equals_transformers_alone_and_in_a_busy_batch(server, enc):
+    prompt = enc.encode_ordinary("To be, or not to be")
+    expected = enc.decode(hf_greedy(server, prompt, 40))
+    alone = create(server, prompt=prompt, max_tokens=40, temperature=0)
+    assert alone.choices[0].text == expected
+
+    done = threading.Event()
+    busy_results = []
+
+    def busy(seed):  # long sampled streams that keep the batch full meanwhile
+        texts, _, _ = streamed(server, prompt=f"Busy {seed}", max_tokens=120, temperature=1.0, seed=seed)
+        busy_results.append((done.is_set(), texts))
+
+    threads = [threading.Thread(target=busy, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: http("GET", server["base"] + "/health", key=KEY)[1]["running"] >= 3, timeout=30)
+    in_batch = create(server, prompt=prompt, max_tokens=40, temperature=0)
+    done.set()
+    for t in threads:
+        t.join()
+    assert in_batch.choices[0].text == expected
+    assert any(finished_after for finished_after, _ in busy_results)  # the batch really was busy
+
+
+def test_prompt_lists_and_n_each_equal_their_solo_run(server):
+    prompts = ["Once upon a time", "The king said", "Hello"]
+    batch = create(server, prompt=prompts, n=2, max_tokens=12, temperature=0.9, seed=11)
+    assert sorted(c.index for c in batch.choices) == list(range(6))
+    by_index = {c.index: c.text for c in batch.choices}
+    for p, prompt in enumerate(prompts):
+        solo = create(server, prompt=prompt, n=2, max_tokens=12, temperature=0.9, seed=11)
+        assert [by_index[2 * p], by_index[2 * p + 1]] == [c.text for c in sorted(solo.choices, key=lambda c: c.index)]
+        assert by_index[2 * p] != by_index[2 * p + 1]  # two choices, two seeds
+    assert batch.usage.completion_tokens == 6 * 12
+
+
+def test_seeds_repeat_and_differ(server):
+    def text(seed):
+        return create(server, prompt="A", max_tokens=16, temperature=1.0, seed=seed).choices[0].text
+
+    assert text(1) == text(1)
+    assert text(1) != text(2)
+
+
+def test_concurrent_requests_each_equal_their_solo_run(server):
+    jobs = [dict(prompt=f"Request {i}", max_tokens=20, temperature=0.8, seed=i, extra_body={"top_k": 40})
+            for i in range(6)]
+    solo = [create(server, **job).choices[0].text for job in jobs]
+    results = [None] * len(jobs)
+
+    def go(i):
+        results[i] = streamed(server, **jobs[i])[0][0] if i % 2 else create(server, **jobs[i]).choices[0].text
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == solo
+
+
+def test_stop_strings_cut_the_text(server, enc):
+    prompt = enc.encode_ordinary("ROMEO:")
+    full = create(server, prompt=prompt, max_tokens=30, temperature=0).choices[0].text
+    stop = full[12:15]
+    cut = full[: full.index(stop)]
+    stopped = create(server, prompt=prompt, max_tokens=30, temperature=0, stop=[stop, "\u2603never"])
+    assert stopped.choices[0].text == cut and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 30
+    texts, reasons, _ = streamed(server, prompt=prompt, max_tokens=30, temperature=0, stop=stop)
+    assert texts == {0: cut} and reasons == {0: "stop"}
+
+
+@torch.no_grad()
+def test_logprobs_and_echo_equal_the_models_log_softmax(server, enc, weights):
+    prompt = enc.encode_ordinary("Good morning, my lord")
+    out = create(server, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    prompt_text = enc.decode(prompt)
+    assert choice.text.startswith(prompt_text)
+    generated = hf_greedy(server, prompt, 8)
+    ids = prompt + generated
+    reference = torch.log_softmax(weights(torch.tensor([ids]))[0][0], dim=-1)  # (T, V)
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(reference[i - 1, ids[i]].item(), abs=1e-4)
+        best = reference[i - 1].topk(3)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert len(lp.top_logprobs[i]) <= 3
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset[len(prompt)] == len(prompt_text)
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_prompt_past_the_context_is_400_naming_both_numbers(server):
+    with pytest.raises(openai.BadRequestError) as err:
+        create(server, prompt="ROMEO:", max_tokens=300)
+    assert err.value.status_code == 400
+    message = err.value.body["message"]
+    assert "256" in message and "303" in message and "300" in message, message
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(n=0), "n"),
+    (dict(max_tokens=0), "max_tokens"), (dict(logprobs=9), "logprobs"), (dict(stop=["a"] * 5), "stop"),
+    (dict(extra_body={"temperature": "hot"}), "temperature"), (dict(prompt=[[]]), "prompt"),
+    (dict(prompt=[70000]), "prompt"), (dict(frequency_penalty=1.0), "frequency_penalty"),
+])
+def test_bad_fields_are_400_naming_the_field(server, kwargs, param):
+    kwargs = {"prompt": "Hi", **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        create(server, **kwargs)
+    assert err.value.body["param"] == param and param in err.value.body["message"]
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as err:
+        server["client"].completions.create(model="gpt-4", prompt="Hi")
+    assert "gpt-4" in err.value.body["message"] and err.value.body["code"] == "model_not_found"
+
+
+def test_api_key_is_checked_on_every_request(server):
+    wrong = openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=NAME, prompt="Hi")
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert http("GET", server["base"] + "/health")[0] == 401
+
+
+def test_full_queue_is_429_and_a_disconnect_frees_the_slots(server):
+    health = lambda: http("GET", server["base"] + "/health", key=KEY)[1]  # noqa: E731
+    stream = create(server, prompt="Hold", n=MAX_BATCH + MAX_QUEUE, max_tokens=250, temperature=1.0, stream=True)
+    next(iter(stream))  # admitted and generating: every slot and queue place is taken
+    with pytest.raises(openai.RateLimitError) as err:
+        create(server, prompt="One more", max_tokens=4)
+    assert err.value.status_code == 429 and "busy" in err.value.body["message"]
+    assert health()["running"] == MAX_BATCH
+    stream.close()  # the client goes away mid-stream
+    assert wait_until(lambda: health()["running"] == 0, timeout=5), health()
+    assert create(server, prompt="Back", max_tokens=4).choices[0].finish_reason == "length"
+    assert any("cancelled" in line for line in server["lines"]), server["lines"][-5:]
+
+
+def test_every_request_is_logged(server):
+    logged = [line for line in server["lines"] if line.startswith("POST /v1/completions")]
+    assert len(logged) >= 10
+    assert all("prompt_tokens=" in line and "ttft=" in line and "tokens/s" in line for line in logged)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
+    # Last in this file: it stops the module's server.
+    proc = server["proc"]
+    texts = {}
+    stream = create(server, prompt="Last", max_tokens=60, temperature=0, stream=True)
+    first = next(iter(stream))
+    texts[0] = first.choices[0].text
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    for chunk in stream:  # the running request still completes
+        for c in chunk.choices:
+            texts[0] += c.text
+    assert proc.wait(timeout=30) == 0
+    assert time.time() - start < 20
+    assert len(texts[0]) > 0
+    with pytest.raises(openai.APIConnectionError):
+        create(server, prompt="After", max_tokens=4)
