@@ -67,6 +67,9 @@ def preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+HELLASWAG_ENDINGS = 4  # every HellaSwag item has four candidate endings
+
+
 @dataclass
 class Example:
     """One HellaSwag item, tokenized: the query's tokens, each choice's tokens, and the label."""
@@ -90,14 +93,18 @@ def _label(row: dict, where: str, n_choices: int) -> int:
 
 def encode_example(row: dict, enc, where: str) -> Example:
     """A HellaSwag row (activity_label, ctx_a, ctx_b, endings, label) -> Example.
-    Raises DataError naming `where` for a missing field or a bad label."""
+    Raises DataError naming `where` for a missing or non-string field, other than 4 endings, or a
+    bad label."""
     missing = [k for k in ("activity_label", "ctx_a", "ctx_b", "endings") if k not in row]
     if missing:
         raise DataError(f"{where}: no field {missing[0]!r} (a HellaSwag row has activity_label, ctx_a, ctx_b, "
                         f"endings, label)")
+    not_text = [k for k in ("activity_label", "ctx_a", "ctx_b") if not isinstance(row[k], str)]
+    if not_text:
+        raise DataError(f"{where}: field {not_text[0]!r} is {row[not_text[0]]!r}, not a string")
     endings = row["endings"]
-    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
-        raise DataError(f"{where}: 'endings' must be a non-empty list of strings")
+    if not isinstance(endings, list) or len(endings) != HELLASWAG_ENDINGS or not all(isinstance(e, str) for e in endings):
+        raise DataError(f"{where}: 'endings' must be a list of {HELLASWAG_ENDINGS} strings, got {str(endings)[:80]}")
     label = _label(row, where, len(endings))
     query = preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
     choices = [preprocess(ending) for ending in endings]
@@ -113,8 +120,12 @@ def read_hellaswag(path: str | Path) -> Iterator[tuple[dict, str]]:
     Raises DataError for a missing path or a line that is not a JSON object."""
     path = Path(path)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
                 if not line.strip():
                     continue
                 try:

@@ -275,6 +275,16 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
         cfg.lr_decay_steps = cfg.max_steps
     need(cfg.lr_decay_steps >= cfg.warmup_steps,
          f"lr_decay_steps={cfg.lr_decay_steps} must be >= warmup_steps={cfg.warmup_steps}")
+    if cfg.log_with:
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType]
+        installed = [t.value for t in get_available_trackers()]
+        need(cfg.log_with in known, f"log_with={cfg.log_with!r} must be one of {known}")
+        need(cfg.log_with not in known or cfg.log_with in installed + ["all"],
+             f"log_with={cfg.log_with!r} is not installed here (installed trackers: {installed or 'none'}); "
+             f"pip install {cfg.log_with}")
     if cfg.plot:
         import importlib.util
 
@@ -345,10 +355,20 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, meta: dict) -> None:
-        """Take the fields a checkpoint's meta.json holds (it holds more: `files`)."""
+        """Take the fields a checkpoint's meta.json holds (it holds more: `files`). Raises
+        CheckpointError naming a field of the wrong type (a damaged or hand-edited meta.json)."""
+        hints = get_type_hints(TrainState)
         for f in dataclasses.fields(self):
-            if f.name in meta:
-                setattr(self, f.name, meta[f.name])
+            if f.name not in meta:
+                continue
+            value, hint = meta[f.name], hints[f.name]
+            allowed = tuple(float if a is float else a for a in (get_args(hint) or (hint,)))
+            if float in allowed:
+                allowed += (int,)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) \
+                    or (isinstance(value, int) and value < 0 and f.name != "loss"):
+                raise CheckpointError(f"meta.json: {f.name}={value!r} is not a valid {_type_name(hint)}")
+            setattr(self, f.name, value)
 
 
 @dataclass
@@ -468,22 +488,54 @@ def select_resume(cfg: TrainConfig, log) -> Resume:
     if not checkpoints.list_checkpoints(cfg.out_dir):
         raise CheckpointError(f"init_from=resume but {checkpoints.ckpt_root(cfg.out_dir)} holds no checkpoint")
 
-    def load(ckpt: Path) -> tuple[dict, GPT]:
+    def load(ckpt: Path) -> tuple[dict, TrainState, GPT]:
         try:
             train_config = json.loads((ckpt / checkpoints.TRAIN_CONFIG_FILE).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not readable JSON ({err})") from None
-        return train_config, checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+        if not isinstance(train_config, dict) or not isinstance(train_config.get("tokens_per_step"), (int, type(None))):
+            raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
+        state = TrainState()
+        state.load_state_dict(checkpoints.read_meta(ckpt))
+        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+        try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, cfg)
+        return train_config, state, model
 
-    ckpt, meta, (train_config, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
+    ckpt, _, (train_config, state, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
     chosen = [ckpt.name]
     broadcast_object_list(chosen)  # from the main process; a no-op with one process
     if chosen[0] != ckpt.name:
         raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
                               f"is {cfg.out_dir} on a file system every machine shares?")
-    state = TrainState()
-    state.load_state_dict(meta)
     return Resume(ckpt, state, train_config, model)
+
+
+def try_load_training_state(state_dir: Path, model: GPT, cfg: TrainConfig) -> None:
+    """Load what Accelerate's load_state will load from `state_dir` (the optimizer state into an
+    optimizer of `model`, this process's RNG state, the fp16 scaler's), on the CPU, and drop it:
+    a checkpoint whose files verify but do not load counts as damaged before anything is chosen.
+    (Accelerate would only log an RNG file that fails to load, and the resume would not repeat.)
+    Loads with weights_only, as Accelerate does: a file that holds code is refused, never run.
+    Raises CheckpointError naming the file."""
+    from accelerate.utils import load as load_state_file
+
+    rng_file = state_dir / f"random_states_{PartialState().process_index}.pkl"
+    path = state_dir / "optimizer.bin"
+    try:
+        make_optimizer(model, cfg, torch.device("cpu")).load_state_dict(load_state_file(path, map_location="cpu"))
+        if rng_file.exists():  # absent when the run now has more processes than the one that saved it
+            path = rng_file
+            rng = load_state_file(path)
+            missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(rng)
+            if missing:
+                raise ValueError(f"no {', '.join(sorted(missing))}")
+            torch.get_rng_state().copy_(rng["torch_manual_seed"])  # checks its size and type, changes nothing
+        if (state_dir / "scaler.pt").exists():
+            path = state_dir / "scaler.pt"
+            load_state_file(path)
+    except Exception as err:  # noqa: BLE001 -- torch.load and load_state_dict raise many types; all mean "cannot load"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load {path} ({type(err).__name__}: {first_line[:200]})") from None
 
 
 # ------------------------------------------------------------------------- setup
@@ -513,11 +565,38 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> GPT:
     return model
 
 
+def is_run_output(path: Path) -> bool:
+    """Whether the file `path` (named as one of RUN_FILES, or its temporary) is what a run writes
+    there, told by its content, not its name: a JSON object whose keys are all TrainConfig
+    fields (config.json), JSON lines with an integer step (log.jsonl), a PNG (loss.png)."""
+    name = path.name.removesuffix(atomic.TMP_SUFFIX)
+    try:
+        if name == "loss.png":
+            with open(path, "rb") as f:
+                return f.read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(path, "rb") as f:
+            text = f.read(1 << 16).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if name == "config.json":
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(saved, dict) and set(saved) <= set(_field_types())
+    first = text.split("\n", 1)[0].strip()  # log.jsonl
+    try:
+        return not first or isinstance(json.loads(first).get("step"), int)
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def run_outputs(out_dir: Path) -> list[Path]:
     """What an earlier run left in out_dir that a new one would replace: its files (RUN_FILES and
-    their temporaries), checkpoints and checkpoint leftovers. Nothing else counts."""
-    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    found += [p for name in RUN_FILES for p in [atomic.tmp_name(out_dir / name)] if p.exists()]
+    their temporaries, when their content is a run's: is_run_output), checkpoints and checkpoint
+    leftovers. Nothing else counts."""
+    named = [p for name in RUN_FILES for p in (out_dir / name, atomic.tmp_name(out_dir / name)) if p.is_file()]
+    found = [p for p in named if is_run_output(p)]
     return found + checkpoints.list_checkpoints(out_dir) + checkpoints.leftovers(out_dir)
 
 
@@ -526,7 +605,14 @@ def check_out_dir(cfg: TrainConfig) -> list[Path]:
     naming them when there are any and overwrite is off: nothing is deleted or overwritten."""
     if cfg.init_from == "resume":
         return []
-    found = run_outputs(Path(cfg.out_dir))
+    out_dir = Path(cfg.out_dir)
+    foreign = [p.name for p in (out_dir / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
+    if checkpoints.is_weights_dir(out_dir) or foreign:
+        what = "model weights" if checkpoints.is_weights_dir(out_dir) else "files"
+        raise ConfigError(f"out_dir={out_dir} holds {what} this project did not write as a run's outputs "
+                          f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
+                          f"choose another out_dir (nothing was changed)")
+    found = run_outputs(out_dir)
     if found and not cfg.overwrite:
         names = ", ".join(str(p.relative_to(cfg.out_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         raise ConfigError(
@@ -691,12 +777,20 @@ def train_step(model, optimizer, accelerator: Accelerator, loader: ShardLoader, 
     return StepStats(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stopped > 0, applied=applied)
 
 
+def _verifies(ckpt: Path) -> bool:
+    try:
+        checkpoints.verify(ckpt, need_state=True)
+    except CheckpointError:
+        return False
+    return True
+
+
 def diverged(cfg: TrainConfig, step: int, what: str) -> DivergenceError:
     """The error for a non-finite step: names it and the newest checkpoint, whose weights were
     checked finite when it was saved (or says there is none)."""
-    last = checkpoints.list_checkpoints(cfg.out_dir)
+    last = [ckpt for ckpt in checkpoints.list_checkpoints(cfg.out_dir) if _verifies(ckpt)]
     where = (f"The last good checkpoint is {last[-1]} (its weights are all finite): lower learning_rate and "
-             f"continue with --init_from=resume" if last else "No checkpoint was saved yet.")
+             f"continue with --init_from=resume" if last else "No checkpoint that verifies was saved yet.")
     return DivergenceError(f"{what} at step {step}; stopping without saving. {where}")
 
 
@@ -824,8 +918,22 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
     if resume is not None:
         state = dataclasses.replace(resume.state, num_processes=world)
         train_loader.load_state_dict(state.train_loader)
+    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+                if cfg.hellaswag_data else None)
 
-    if is_main:  # only now, with the model and data known to be good, may an earlier run's outputs go
+    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
+    optimizer = make_optimizer(raw_model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles too, with compile=true
+    _skip_model_weights_in_state(accelerator)
+    if resume is not None:
+        try:  # select_resume loaded these files once already; this is not expected to fail
+            accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
+                                  f"({type(err).__name__}: {first_line})") from err
+
+    if is_main:  # only now, with everything loaded and checked, may an earlier run's outputs go
         clear_outputs(old_outputs)
         if resume is not None:
             checkpoints.remove_leftovers(out_dir)
@@ -833,18 +941,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     accelerator.wait_for_everyone()
-
-    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
-    optimizer = make_optimizer(raw_model, cfg, accelerator.device)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles too, with compile=true
-    _skip_model_weights_in_state(accelerator)
     if resume is not None:
-        try:  # Accelerate unpickles with weights_only=True: a file that holds code is refused, never run
-            accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
-        except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
-                                  f"({type(err).__name__}: {first_line})") from err
         log(f"resumed from {resume.ckpt} at step {state.step}")
     if cfg.log_with:
         accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
@@ -852,8 +949,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
         f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
     evaluators = [lambda: {"val_loss": evaluate(model, val_loader, accelerator, cfg.eval_steps)}]
-    if cfg.hellaswag_data:
-        examples = evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+    if examples is not None:
         evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
         log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
@@ -994,6 +1090,18 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
         return None
     cfg = load_config(argv)
     state = start_processes()
+    # One run at a time in out_dir: the main process holds its lock until it exits; the run's other
+    # processes wait for it, so none of them reads out_dir while another run may be writing there.
+    lock = atomic.lock_dir(cfg.out_dir, ConfigError, "out_dir") if state.is_main_process else None
+    try:
+        state.wait_for_everyone()
+        return _main(cfg, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _main(cfg: TrainConfig, state: PartialState) -> tuple[GPT, dict] | None:
     log = print if state.is_main_process else (lambda msg: None)
     resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
     saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
@@ -1004,6 +1112,10 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
             raise
         raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
                           f"{state.num_processes}: {err}") from None
+    if resume is not None and resume.state.step >= cfg.max_steps:
+        log(f"nothing to train: {resume.ckpt} is at step {resume.state.step} and max_steps={cfg.max_steps}; "
+            f"raise max_steps (and lr_decay_steps) to train further. Nothing in {cfg.out_dir} was changed")
+        return resume.model, resume.state.state_dict()
     cfg.mixed_precision, note = devices.mixed_precision(cfg.mixed_precision, state.device)
     if note:
         log(note)
