@@ -662,7 +662,9 @@ def sample_next_token(
     """Pick one token per row from logits (B, V): greedy at temperature 0, else a filtered draw."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature
+    # Shift the largest logit to 0 first: a tiny temperature then sends the others to -inf, never
+    # the largest to inf (inf - inf would be NaN).
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -672,6 +674,7 @@ def sample_next_token(
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the
         # most likely token always stays.
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[:, 0] = False  # rounding can leave the first entry a hair above 0
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
