@@ -230,12 +230,55 @@ def load_model(directory: Path, **overrides):
     """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
     from model import GPT
 
+    check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)
     except KeyError as err:  # a missing or unexpected weight; str(KeyError) would add quotes
         raise CheckpointError(f"cannot load {directory}: {err.args[0]}") from err
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load {directory}: {err}") from err
+
+
+_SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def check_config(directory: Path) -> None:
+    """Check a GPT-2 directory's config.json before a model is built from it: the shape fields are
+    positive integers, and (with model.safetensors) they match the stored weights, read from the
+    file's header only, so an absurd n_layer or n_embd is refused instead of allocated.
+    Raises CheckpointError naming the field."""
+    path = directory / HF_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # from_pretrained names what is missing
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    for name in _SHAPE_FIELDS:
+        value = config.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{path}: {name}={value!r} must be a positive integer")
+    weights = directory / WEIGHT_FILES[0]
+    if not weights.is_file():
+        return
+    try:
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > 100 << 20:
+                raise ValueError(f"header of {header_len} bytes")
+            header = json.loads(f.read(header_len))
+        shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{weights} is not a safetensors file ({err})") from None
+    layers = 1 + max((int(k.split(".")[1]) for k in shapes if re.fullmatch(r"h\.\d+\..+", k)), default=-1)
+    stored = {"vocab_size": (shapes.get("wte.weight") or [None])[0], "n_embd": (shapes.get("wte.weight") or [None, None])[-1],
+              "n_positions": (shapes.get("wpe.weight") or [None])[0], "n_layer": layers}
+    for name, value in stored.items():
+        if value is not None and config[name] != value:
+            raise CheckpointError(f"{path}: {name}={config[name]} does not match the weights in {weights.name} "
+                                  f"({name} {value})")
 
 
 def save_weights(out_dir: str | Path, step: int, model, meta: dict | None = None) -> Path:

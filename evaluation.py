@@ -165,6 +165,14 @@ def load_hellaswag(path: str | Path, enc, limit: int | None = None) -> list[Exam
     return examples
 
 
+def check_vocab(examples: list[Example], vocab_size: int, where) -> None:
+    """Raises DataError when an example holds a token id the model's vocabulary lacks."""
+    largest = max((max(e.query + [i for c in e.choices for i in c], default=0) for e in examples), default=0)
+    if largest >= vocab_size:
+        raise DataError(f"HellaSwag from {where} tokenizes to id {largest}, but the model's vocab_size={vocab_size} "
+                        f"only covers ids below it (a GPT-2 tokenizer needs vocab_size >= 50257)")
+
+
 @torch.no_grad()
 def score_choices(model: GPT, examples: list[Example], batch_size: int, device: torch.device, autocast,
                   max_len: int | None = None, progress: Callable[[int], None] = lambda n: None) -> list[list[float]]:

@@ -920,6 +920,8 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         train_loader.load_state_dict(state.train_loader)
     examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
                 if cfg.hellaswag_data else None)
+    if examples is not None:
+        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
 
     n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
     optimizer = make_optimizer(raw_model, cfg, accelerator.device)

@@ -165,8 +165,8 @@ def _meta_with(**fields):
 DAMAGE = {
     "optimizer tail": (lambda ckpt: _zero_tail(ckpt / "state" / "optimizer.bin"), "optimizer.bin"),
     "rng tail": (lambda ckpt: _zero_tail(ckpt / "state" / "random_states_0.pkl"), "random_states_0.pkl"),
-    "meta step type": (_meta_with(tokens_seen="many"), "tokens_seen='many'"),
-    "meta files type": (_meta_with(files=[1, 2]), "'files'"),
+    "meta field type": (_meta_with(tokens_seen="many"), "tokens_seen='many'"),
+    "meta loader type": (_meta_with(train_loader="start"), "train_loader='start'"),
 }
 
 
