@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, get_args, get_origin, get_type_hints
@@ -183,7 +184,24 @@ def load_config(argv: list[str]) -> TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         scope: dict = {}
-        exec(compile(path.read_text(), str(path), "exec"), scope)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            code = compile(source, str(path), "exec")
+        except (SyntaxError, ValueError) as err:
+            where = f" at line {err.lineno}" if getattr(err, "lineno", None) else ""
+            raise ConfigError(f"config file {path} is not valid Python{where}: {getattr(err, 'msg', err)}") from None
+        try:
+            exec(code, scope)
+        except Exception as err:  # noqa: BLE001 -- a config file is a script; whatever it raises is the user's
+            line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
+                         if f.filename == str(path)), None)
+            raise ConfigError(f"config file {path} raised {type(err).__name__}"
+                              f"{f' at line {line}' if line else ''}: {err}") from None
         names = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
                  and type(v).__name__ != "module"}
         for key, value in names.items():
@@ -642,6 +660,8 @@ def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
             data_vocab = json.loads(meta.read_text()).get("vocab_size")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
             raise ShardError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
+        if data_vocab is not None and (not isinstance(data_vocab, int) or isinstance(data_vocab, bool)):
+            raise ShardError(f"{meta}: vocab_size={data_vocab!r} is not a whole number; run prepare_data.py again")
         if data_vocab is not None and data_vocab > vocab_size:
             raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's vocab_size={vocab_size}")
         return
@@ -894,9 +914,14 @@ class Run:
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=self.state.step)
 
 
-def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None) -> Run:
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived before training started: nothing in out_dir was changed."""
+
+
+def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> Run:
     """Model, data, out_dir, optimizer, Accelerate and the starting TrainState, each checked
-    before anything is written; an earlier run's outputs are removed only after that."""
+    before anything is written; an earlier run's outputs are removed only after that. Raises
+    Interrupted, before writing anything, when a stop signal arrived during the setup."""
     is_main = accelerator.is_main_process
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     out_dir = Path(cfg.out_dir)
@@ -935,6 +960,9 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
             raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
                                   f"({type(err).__name__}: {first_line})") from err
 
+    if not _all_ranks(accelerator, stop.received is None):
+        raise Interrupted(f"stopped by {stop.received or 'a signal on another process'} before training started; "
+                          f"nothing in {out_dir} was changed")
     if is_main:  # only now, with everything loaded and checked, may an earlier run's outputs go
         clear_outputs(old_outputs)
         if resume is not None:
@@ -998,15 +1026,16 @@ def checkpoint(run: Run) -> None:
     run.log(f"saved {save_checkpoint(run.accelerator, run.model, run.raw_model, run.cfg, run.state)}")
 
 
-def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None) -> tuple[GPT, dict]:
-    """Run training to cfg.max_steps (or a stop signal).
+def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> tuple[GPT, dict]:
+    """Run training to cfg.max_steps (or a signal caught by `stop`).
 
     Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
-    loss, val_loss, loader position). Raises DivergenceError for a non-finite step.
+    loss, val_loss, loader position). Raises DivergenceError for a non-finite step, Interrupted
+    for a signal before training started.
     """
-    run = setup_run(cfg, accelerator, resume)
+    run = setup_run(cfg, accelerator, resume, stop)
     state, throughput = run.state, Throughput(run)
-    with StopSignal() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+    with tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                                     disable=not accelerator.is_main_process) as bar:
         if state.step == 0:
             run_evals(run)
@@ -1091,19 +1120,24 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
         print(config_help())
         return None
     cfg = load_config(argv)
+    with StopSignal() as stop:  # from here on, SIGINT/SIGTERM stop the run between steps, or before it writes
+        return _locked_main(cfg, stop)
+
+
+def _locked_main(cfg: TrainConfig, stop: StopSignal) -> tuple[GPT, dict] | None:
     state = start_processes()
     # One run at a time in out_dir: the main process holds its lock until it exits; the run's other
     # processes wait for it, so none of them reads out_dir while another run may be writing there.
     lock = atomic.lock_dir(cfg.out_dir, ConfigError, "out_dir") if state.is_main_process else None
     try:
         state.wait_for_everyone()
-        return _main(cfg, state)
+        return _main(cfg, state, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _main(cfg: TrainConfig, state: PartialState) -> tuple[GPT, dict] | None:
+def _main(cfg: TrainConfig, state: PartialState, stop: StopSignal) -> tuple[GPT, dict] | None:
     log = print if state.is_main_process else (lambda msg: None)
     resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
     saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
@@ -1126,7 +1160,7 @@ def _main(cfg: TrainConfig, state: PartialState) -> tuple[GPT, dict] | None:
         log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
             f"uses {describe_processes(accelerator)}")
     set_seed(cfg.seed)  # same initial weights on every process
-    return fit(cfg, accelerator, resume)
+    return fit(cfg, accelerator, resume, stop)
 
 
 if __name__ == "__main__":
@@ -1135,3 +1169,6 @@ if __name__ == "__main__":
     except DivergenceError as err:  # the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(143 if "SIGTERM" in str(err) else 130)

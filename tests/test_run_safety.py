@@ -215,3 +215,49 @@ def test_checkpoint_files_are_published_with_the_usual_mode(run4):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == mode, path
     assert (run4 / "config.json").stat().st_mode & 0o777 == mode
+
+
+# ------------------------------------------------------------------ one line and exit 2, or a clean stop
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"n_layer = (\n", "is not valid Python at line"),
+    (b"n_layer = 1 // 0\n", "raised ZeroDivisionError at line 1: integer division or modulo by zero"),
+    (b"# caf\xe9\nn_layer = 2\n", "is not UTF-8 text"),
+])
+def test_a_broken_config_file_is_one_line(data_dir, tmp_path, content, message):
+    config = tmp_path / "broken.py"
+    config.write_bytes(content)
+    proc = run_command("train.py", config, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, f"config file {config}", message)
+
+
+def test_a_string_vocab_size_in_the_datas_meta_json_is_one_line(data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "meta.json").write_text('{"vocab_size": "50257"}')
+    proc = run_command("train.py", *tiny_args(data, tmp_path / "run", "--max_steps=1"))
+    assert_one_line_error(proc, "vocab_size='50257' is not a whole number")
+
+
+def test_a_signal_during_setup_stops_before_anything_is_written(data_dir, run_copy, tmp_path):
+    """SIGINT while HellaSwag is being tokenized: exit 130 with one line, the earlier run intact."""
+    rows = [{"activity_label": "Cooking", "ctx_a": f"A chef chops onions on board {i}.", "ctx_b": "She",
+             "endings": ["adds them to a pan.", "throws the board.", "sings loudly.", "sleeps."], "label": 0}
+            for i in range(30_000)]
+    hellaswag = tmp_path / "hs.jsonl"
+    hellaswag.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(run_copy)
+    args = [a for a in tiny_args(data_dir, run_copy, "--overwrite=true", f"--hellaswag_data={hellaswag}")
+            if not a.startswith("--vocab_size")]  # GPT-2's vocabulary, which HellaSwag's tokens need
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert wait_until(lambda: (run_copy / atomic.LOCK_FILE).read_text().strip(), timeout=120)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGINT before training started" in err, err[-3000:]
+    assert {k: v for k, v in snapshot(run_copy).items() if k != atomic.LOCK_FILE} == \
+           {k: v for k, v in before.items() if k != atomic.LOCK_FILE}
