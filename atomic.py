@@ -60,12 +60,17 @@ def fsync_file(path: Path) -> None:
 
 def is_disk_full(err: BaseException, directory: Path) -> bool:
     """Whether a failed write failed for lack of space. Libraries report it differently: an OSError
-    with ENOSPC, a message ("No space left on device"), or only an opaque error (torch.save says
-    "unexpected pos"), for which the free space left on the file system decides."""
+    with ENOSPC, a message ("No space left on device"), or only an opaque error (torch.save raises
+    a RuntimeError saying "unexpected pos"), for which the free space left on the file system
+    decides. An error that says what else it is (an OSError with another errno, a KeyError, ...)
+    is never "disk full", however full the file system looks."""
     if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
         return True
     if any(text in str(err) for text in _DISK_FULL_TEXT):
         return True
+    opaque = type(err) is RuntimeError or (isinstance(err, OSError) and err.errno is None)
+    if not opaque:
+        return False
     try:
         stat = os.statvfs(directory)
     except (OSError, AttributeError):

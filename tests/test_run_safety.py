@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState
@@ -261,3 +262,16 @@ def test_a_signal_during_setup_stops_before_anything_is_written(data_dir, run_co
     assert "Traceback" not in err and "stopped by SIGINT before training started" in err, err[-3000:]
     assert {k: v for k, v in snapshot(run_copy).items() if k != atomic.LOCK_FILE} == \
            {k: v for k, v in before.items() if k != atomic.LOCK_FILE}
+
+
+def test_only_an_opaque_error_on_a_full_file_system_counts_as_disk_full(small_disk):
+    import errno
+
+    full = small_disk(64)
+    with pytest.raises(OSError):
+        (full / "filler").write_bytes(b"x" * (128 << 10))
+    assert atomic.is_disk_full(RuntimeError("unexpected pos 123"), full)  # torch.save's only word for it
+    assert atomic.is_disk_full(OSError(errno.ENOSPC, "No space left on device"), Path("/"))
+    assert not atomic.is_disk_full(PermissionError(errno.EACCES, "Permission denied"), full)
+    assert not atomic.is_disk_full(KeyError("weight"), full)
+    assert not atomic.is_disk_full(ValueError("bad shape"), full)
