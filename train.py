@@ -540,7 +540,11 @@ def try_load_training_state(state_dir: Path, model: GPT, cfg: TrainConfig) -> No
     rng_file = state_dir / f"random_states_{PartialState().process_index}.pkl"
     path = state_dir / "optimizer.bin"
     try:
-        make_optimizer(model, cfg, torch.device("cpu")).load_state_dict(load_state_file(path, map_location="cpu"))
+        # The optimizer's structure is what counts: defaults stand in for values validate() checks later.
+        shape_only = dataclasses.replace(cfg, **{name: TrainConfig.__dataclass_fields__[name].default
+                                                 for name in ("learning_rate", "weight_decay", "beta1", "beta2")})
+        optimizer = make_optimizer(model, shape_only, torch.device("cpu"))
+        optimizer.load_state_dict(load_state_file(path, map_location="cpu"))
         if rng_file.exists():  # absent when the run now has more processes than the one that saved it
             path = rng_file
             rng = load_state_file(path)
