@@ -189,20 +189,22 @@ class DirLock:
 
     It is an OS lock (flock) on `directory/.lock`: the kernel releases it when the process ends,
     however it ends, so a kill -9 never leaves a stale lock. While it is held the file names the
-    holder (pid, host, start time, command); `release` empties it again, and removes the
-    directory again when lock_dir created it and nothing else was written there. See `lock_dir`.
+    holder (pid, host, start time, command); `release` removes it again (and the directory, when
+    lock_dir created it and nothing else was written there), so a refused or failed run leaves
+    the directory as it found it. See `lock_dir`.
     """
 
-    def __init__(self, path: Path, fd: int | None, created: bool = False):
-        self.path, self.fd, self.created = path, fd, created
+    def __init__(self, path: Path, fd: int | None, created_dir: bool = False):
+        self.path, self.fd, self.created_dir = path, fd, created_dir
 
     def release(self) -> None:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-            if self.created and os.listdir(self.path.parent) == [self.path.name]:
-                self.path.unlink()
+            # Removed while still locked: a process that opened it meanwhile finds, once it holds
+            # the lock, that the name no longer leads to its file, and tries again (lock_dir).
+            self.path.unlink()
+            if self.created_dir and not os.listdir(self.path.parent):
                 self.path.parent.rmdir()
         os.close(self.fd)  # closing the last descriptor drops the flock
         self.fd = None
@@ -238,25 +240,35 @@ def lock_dir(directory: str | Path, error: type[Exception], what: str,
     if directory.exists() and not directory.is_dir():
         raise error(f"{what}={directory} is a file, not a directory")
     created = not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if not directory.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
-        path = directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as err:
-        raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this user "
-                    f"can create and write)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise error(f"{what}={directory} is in use by another run ({_holder(path)}); wait for it to end or "
-                    f"choose another {what}") from None
-    except OSError as err:  # ENOLCK / EOPNOTSUPP: a file system without flock
-        warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
-             f"flock, so nothing stops a second run from writing there at the same time")
-        return DirLock(path, fd, created)
+    path = directory / LOCK_FILE
+    for _ in range(100):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as err:
+            raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
+                        f"user can create and write)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise error(f"{what}={directory} is in use by another run ({_holder(path)}); wait for it to end or "
+                        f"choose another {what}") from None
+        except OSError as err:  # ENOLCK / EOPNOTSUPP: a file system without flock
+            warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
+                 f"flock, so nothing stops a second run from writing there at the same time")
+            return DirLock(path, fd, created)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as it let go of it: lock the new one
+    else:
+        raise error(f"{what}={directory}: could not take its lock ({path} keeps being replaced)")
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)

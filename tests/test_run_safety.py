@@ -76,7 +76,7 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_di
     step = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
     _, state = main(*tiny_args(data_dir, out, f"--max_steps={step + 1}", "--init_from=resume"))
     assert state["step"] == step + 1
-    assert (out / atomic.LOCK_FILE).read_text() == "", "a finished run leaves the lock file empty"
+    assert not (out / atomic.LOCK_FILE).exists(), "a finished run removes its lock file"
 
 
 def test_the_lock_is_taken_before_out_dir_is_read(data_dir, run_copy):
@@ -86,8 +86,7 @@ def test_the_lock_is_taken_before_out_dir_is_read(data_dir, run_copy):
             main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
         with pytest.raises(ConfigError, match="in use by another run"):
             main(*tiny_args(data_dir, run_copy, "--max_steps=6", "--init_from=resume"))
-    assert {k: v for k, v in snapshot(run_copy).items() if k != atomic.LOCK_FILE} == \
-           {k: v for k, v in before.items() if k != atomic.LOCK_FILE}
+    assert snapshot(run_copy) == before
 
 
 def test_prepare_data_locks_its_out_dir(tmp_path):
@@ -97,6 +96,7 @@ def test_prepare_data_locks_its_out_dir(tmp_path):
     with atomic.lock_dir(out, DataError, "--out"):
         with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
             prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)
+    assert not out.exists(), "the lock's holder made the directory and removed it again"
     prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)  # released: it runs
     assert (out / "meta.json").is_file()
 
@@ -134,7 +134,7 @@ def test_a_gpt2_directory_as_out_dir_is_refused(data_dir, run4, tmp_path):
     for extra in ([], ["--overwrite=true"]):
         with pytest.raises(ConfigError, match=r"holds model weights this project did not write .*config\.json"):
             main(*tiny_args(data_dir, gpt2, "--max_steps=1", *extra))
-    assert {k: v for k, v in snapshot(gpt2).items() if k != atomic.LOCK_FILE} == before
+    assert snapshot(gpt2) == before
     checkpoints.load_model(gpt2)
 
 
@@ -255,13 +255,13 @@ def test_a_signal_during_setup_stops_before_anything_is_written(data_dir, run_co
             if not a.startswith("--vocab_size")]  # GPT-2's vocabulary, which HellaSwag's tokens need
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: (run_copy / atomic.LOCK_FILE).read_text().strip(), timeout=120)
+    lock = run_copy / atomic.LOCK_FILE
+    assert wait_until(lambda: lock.is_file() and lock.read_text().strip(), timeout=120)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "stopped by SIGINT before training started" in err, err[-3000:]
-    assert {k: v for k, v in snapshot(run_copy).items() if k != atomic.LOCK_FILE} == \
-           {k: v for k, v in before.items() if k != atomic.LOCK_FILE}
+    assert snapshot(run_copy) == before
 
 
 def test_only_an_opaque_error_on_a_full_file_system_counts_as_disk_full(small_disk):
