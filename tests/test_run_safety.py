@@ -35,7 +35,7 @@ def snapshot(root):
 
 
 COMMON = ["--max_steps=4", "--lr_decay_steps=8", "--ckpt_interval=2", "--keep_last_ckpts=3", "--log_interval=1",
-          "--eval_interval=100"]
+          "--eval_interval=100", "--dropout=0.1"]  # dropout: a resume repeats only with the RNG state restored
 
 
 @pytest.fixture(scope="module")
@@ -174,18 +174,17 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def straight(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6", "--dropout=0.1"))
+    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6"))
     return {r["step"]: r["loss"] for r in train.read_log(out / "log.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_resume_falls_back_past_any_file_that_does_not_verify(data_dir, tmp_path, capsys, straight, damage):
-    out = tmp_path / "run"
-    main(*tiny_args(data_dir, out, *COMMON, "--dropout=0.1"))
+def test_resume_falls_back_past_any_file_that_does_not_verify(data_dir, run_copy, capsys, straight, damage):
+    out = run_copy
     damage_fn, named = DAMAGE[damage]
     damage_fn(checkpoints.step_dir(out, 4))
     capsys.readouterr()
-    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6", "--dropout=0.1", "--init_from=resume"))
+    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6", "--init_from=resume"))
     printed = capsys.readouterr().out
     warning = next(line for line in printed.splitlines() if "skipping damaged checkpoint" in line)
     assert "step_0000004" in warning and named in warning
@@ -197,7 +196,7 @@ def test_resume_falls_back_past_any_file_that_does_not_verify(data_dir, tmp_path
 def test_divergence_names_the_newest_checkpoint_that_verifies(data_dir, run_copy):
     _zero_tail(checkpoints.step_dir(run_copy, 4) / "state" / "optimizer.bin")
     with pytest.raises(DivergenceError) as info:
-        main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=6", "--init_from=resume", "--learning_rate=1e3",
+        main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=6", "--init_from=resume", "--learning_rate=1e40",
                         "--min_lr=0"))
     assert f"last good checkpoint is {checkpoints.step_dir(run_copy, 2)} " in str(info.value)
 
