@@ -337,18 +337,23 @@ def test_out_is_checked_before_the_evaluation_and_never_replaced_silently(capsys
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["examples"] == 1
 
 
-def test_bad_inputs_to_eval_are_one_line(gpt2_dir, tmp_path):
+def test_bad_inputs_to_eval_are_one_line(capsys, gpt2_dir, tmp_path):
+    def assert_one_line(argv, *needles):
+        code, _, err = run_cli(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
     data = tmp_path / "data"
     data.mkdir()
     from shards import write_shard
 
     write_shard(data / "val_000000.bin", np.full(500, 60000))
-    proc = run_command("eval.py", "--checkpoint", gpt2_dir, "--task", "val", "--data", data)
-    assert_one_line_error(proc, "token id 60000", "vocab_size=50257")
+    assert_one_line(["--checkpoint", gpt2_dir, "--task", "val", "--data", data], "token id 60000", "vocab_size=50257")
     write_shard(data / "val_000000.bin", np.arange(500))
     (data / "meta.json").write_text('{"val": {"tokens": "many"}}')
-    proc = run_command("eval.py", "--checkpoint", gpt2_dir, "--task", "val", "--data", data)
-    assert_one_line_error(proc, "meta.json", "'tokens' and 'bytes'")
+    assert_one_line(["--checkpoint", gpt2_dir, "--task", "val", "--data", data], "meta.json", "'tokens' and 'bytes'")
     import shutil
 
     for field, value, rule in [("n_layer", "2", "must be a positive integer"),
@@ -358,5 +363,4 @@ def test_bad_inputs_to_eval_are_one_line(gpt2_dir, tmp_path):
         shutil.copytree(gpt2_dir, bad)
         config = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**config, field: value}))
-        proc = run_command("eval.py", "--checkpoint", bad, "--task", "val", "--data", data)
-        assert_one_line_error(proc, f"{field}=", rule)
+        assert_one_line(["--checkpoint", bad, "--task", "val", "--data", data], f"{field}=", rule)
