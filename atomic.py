@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from errors import DiskFullError
 
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = ".lock"  # in an output directory: who holds it (pid, host, start time) while a run writes there
 DELETING_PREFIX = ".deleting_"  # a directory being removed: never read, removed at the next start
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DISK_FULL_TEXT = ("No space left", "os error 28", "Disk quota", "File too large")
@@ -55,12 +60,17 @@ def fsync_file(path: Path) -> None:
 
 def is_disk_full(err: BaseException, directory: Path) -> bool:
     """Whether a failed write failed for lack of space. Libraries report it differently: an OSError
-    with ENOSPC, a message ("No space left on device"), or only an opaque error (torch.save says
-    "unexpected pos"), for which the free space left on the file system decides."""
+    with ENOSPC, a message ("No space left on device"), or only an opaque error (torch.save raises
+    a RuntimeError saying "unexpected pos"), for which the free space left on the file system
+    decides. An error that says what else it is (an OSError with another errno, a KeyError, ...)
+    is never "disk full", however full the file system looks."""
     if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
         return True
     if any(text in str(err) for text in _DISK_FULL_TEXT):
         return True
+    opaque = type(err) is RuntimeError or (isinstance(err, OSError) and err.errno is None)
+    if not opaque:
+        return False
     try:
         stat = os.statvfs(directory)
     except (OSError, AttributeError):
@@ -165,3 +175,102 @@ def building_dir(final: Path, tmp: Path) -> Iterator[Path]:
         if raised is err:
             raise
         raise raised from err
+
+
+def file_mode() -> int:
+    """The mode a newly published file gets: 0666 less the process's umask (as open() gives)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class DirLock:
+    """An exclusive lock on an output directory, held by one run for its whole life.
+
+    It is an OS lock (flock) on `directory/.lock`: the kernel releases it when the process ends,
+    however it ends, so a kill -9 never leaves a stale lock. While it is held the file names the
+    holder (pid, host, start time, command); `release` removes it again (and the directory, when
+    lock_dir created it and nothing else was written there), so a refused or failed run leaves
+    the directory as it found it. See `lock_dir`.
+    """
+
+    def __init__(self, path: Path, fd: int | None, created_dir: bool = False):
+        self.path, self.fd, self.created_dir = path, fd, created_dir
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            # Removed while still locked: a process that opened it meanwhile finds, once it holds
+            # the lock, that the name no longer leads to its file, and tries again (lock_dir).
+            self.path.unlink()
+            if self.created_dir and not os.listdir(self.path.parent):
+                self.path.parent.rmdir()
+        os.close(self.fd)  # closing the last descriptor drops the flock
+        self.fd = None
+
+    def __enter__(self) -> "DirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its file says (written right after the lock was taken)."""
+    try:
+        info = json.loads(path.read_text())
+        return (f"pid {info['pid']} on {info['host']}, started {info['started']}: "
+                f"{info['command'][:120]}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid is not known yet"
+
+
+def lock_dir(directory: str | Path, error: type[Exception], what: str,
+             warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> DirLock:
+    """Create `directory` if needed and take its exclusive lock (see DirLock), before anything there
+    is read or written.
+
+    Raises `error` (a UserError class) naming `what` (e.g. "out_dir") and the directory when it
+    cannot be created or written, or when another process holds the lock (naming that process).
+    A file system without flock support (some network mounts) gives a warning and a DirLock that
+    holds nothing.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise error(f"{what}={directory} is a file, not a directory")
+    created = not directory.exists()
+    path = directory / LOCK_FILE
+    for _ in range(100):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as err:
+            raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
+                        f"user can create and write)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise error(f"{what}={directory} is in use by another run ({_holder(path)}); wait for it to end or "
+                        f"choose another {what}") from None
+        except OSError as err:  # ENOLCK / EOPNOTSUPP: a file system without flock
+            warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
+                 f"flock, so nothing stops a second run from writing there at the same time")
+            return DirLock(path, fd, created)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as it let go of it: lock the new one
+    else:
+        raise error(f"{what}={directory}: could not take its lock ({path} keeps being replaced)")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    return DirLock(path, fd, created)

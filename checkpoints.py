@@ -9,21 +9,25 @@ checkpoints. train.py writes through it; sample.py, eval.py and the tests read t
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
         train_config.json    the effective TrainConfig of the run
         meta.json            written last: the training state (step, tokens seen, loader position,
-                             losses, processes) and `files`, the size of every other file
+                             losses, processes), `files` (the size of every other file) and
+                             `sha256` (the SHA-256 of every other file)
 
 A checkpoint is built in `ckpt/.tmp_step_0000500/` and renamed into place once every file is
 fsynced (atomic.publish_dir), so a directory named `step_*` with a meta.json is complete. A
 checkpoint being pruned is renamed to `.deleting_step_*` first. Leftover `.tmp_*` and
 `.deleting_*` directories (from a kill) are never read and are removed at the next start.
 
-`verify` checks a checkpoint against its `files` list (a truncated or missing file), and the
-zip CRCs of the torch.save files in state/ (a corrupt one) without unpickling anything;
-`load_latest` walks the checkpoints newest first and falls back past damaged ones.
+`verify` checks a checkpoint against its `files` list (a truncated or missing file) and their
+`sha256` (any changed byte), and the zip CRCs of the torch.save files in state/ (a corrupt one)
+without unpickling anything; `load_latest` walks the checkpoints newest first and falls back past
+damaged ones, and past any that its `load` cannot load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import zipfile
@@ -135,15 +139,20 @@ def verify(ckpt: Path, need_state: bool) -> dict:
     state/ directory must exist. Raises CheckpointError saying what is wrong.
     """
     meta = read_meta(ckpt)
-    files = meta.get("files", {})
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{ckpt / META_FILE}: 'files' is not a mapping")
+    files, hashes = meta.get("files", {}), meta.get("sha256")
+    if not isinstance(files, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in files.values()):
+        raise CheckpointError(f"{ckpt / META_FILE}: 'files' is not a mapping of file names to sizes")
+    if hashes is not None and (not isinstance(hashes, dict) or set(hashes) != set(files)
+                               or not all(isinstance(v, str) for v in hashes.values())):
+        raise CheckpointError(f"{ckpt / META_FILE}: 'sha256' does not give a hash for every file in 'files'")
     for name, size in files.items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or changed)")
+        if hashes is not None and file_sha256(path) != hashes[name]:
+            raise CheckpointError(f"{path} does not match the SHA-256 recorded when it was written (changed or damaged)")
     if need_state:
         state = ckpt / STATE_SUBDIR
         if not state.is_dir():
@@ -163,8 +172,8 @@ def verify(ckpt: Path, need_state: bool) -> dict:
 def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, warn: Callable[[str], None]) -> tuple[Path, dict, T]:
     """Verify and load the newest loadable checkpoint that `path` stands for (see `candidates`).
 
-    load(directory) does the loading and raises CheckpointError for a damaged one. A damaged
-    checkpoint is reported through warn(message), naming it and what is wrong, and the next
+    load(directory) does the loading and raises CheckpointError for a damaged one (whatever it
+    cannot load counts as damage). A damaged checkpoint is reported through warn(message), naming it and what is wrong, and the next
     older one is tried. Returns (directory, meta, what load returned); meta is {} for a GPT-2
     directory without one. Raises CheckpointError listing every failure when none loads.
     """
@@ -181,11 +190,26 @@ def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, w
     raise CheckpointError(f"no loadable checkpoint in {path}: " + "; ".join(failures))
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 4 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def finish(tmp: Path, final: Path, meta: dict) -> None:
-    """Publish a checkpoint built in `tmp`: record every file's size in meta.json (written last)
-    and rename the directory into place (replacing an older copy of the same step)."""
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
+    """Publish a checkpoint built in `tmp`: give every file the usual mode (safetensors writes
+    0600), record every file's size and SHA-256 in meta.json (written last) and rename the
+    directory into place (replacing an older copy of the same step)."""
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    mode = atomic.file_mode()
+    for path in paths:
+        os.chmod(path, mode)
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
+    hashes = {str(p.relative_to(tmp)): file_sha256(p) for p in paths}
+    (tmp / META_FILE).write_text(json.dumps({**meta, "files": files, "sha256": hashes}, indent=2) + "\n")
     atomic.publish_dir(tmp, final)
 
 
@@ -208,12 +232,55 @@ def load_model(directory: Path, **overrides):
     """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
     from model import GPT
 
+    check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)
     except KeyError as err:  # a missing or unexpected weight; str(KeyError) would add quotes
         raise CheckpointError(f"cannot load {directory}: {err.args[0]}") from err
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load {directory}: {err}") from err
+
+
+_SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+def check_config(directory: Path) -> None:
+    """Check a GPT-2 directory's config.json before a model is built from it: the shape fields are
+    positive integers, and (with model.safetensors) they match the stored weights, read from the
+    file's header only, so an absurd n_layer or n_embd is refused instead of allocated.
+    Raises CheckpointError naming the field."""
+    path = directory / HF_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # from_pretrained names what is missing
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    for name in _SHAPE_FIELDS:
+        value = config.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{path}: {name}={value!r} must be a positive integer")
+    weights = directory / WEIGHT_FILES[0]
+    if not weights.is_file():
+        return
+    try:
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > 100 << 20:
+                raise ValueError(f"header of {header_len} bytes")
+            header = json.loads(f.read(header_len))
+        shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{weights} is not a safetensors file ({err})") from None
+    layers = 1 + max((int(k.split(".")[1]) for k in shapes if re.fullmatch(r"h\.\d+\..+", k)), default=-1)
+    stored = {"vocab_size": (shapes.get("wte.weight") or [None])[0], "n_embd": (shapes.get("wte.weight") or [None, None])[-1],
+              "n_positions": (shapes.get("wpe.weight") or [None])[0], "n_layer": layers}
+    for name, value in stored.items():
+        if value is not None and config[name] != value:
+            raise CheckpointError(f"{path}: {name}={config[name]} does not match the weights in {weights.name} "
+                                  f"({name} {value})")
 
 
 def save_weights(out_dir: str | Path, step: int, model, meta: dict | None = None) -> Path:

@@ -238,6 +238,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         sorted_logits.masked_fill_((k > 0).unsqueeze(1) & (rank >= k.unsqueeze(1)), float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p[rows].unsqueeze(1).to(probs.dtype)
+        drop[:, 0] = False  # the most likely token stays, even where rounding leaves its prefix sum above 0
         probs = probs.masked_fill(drop, 0.0)
         picked = order.gather(1, _inverse_cdf(probs, u[rows]).unsqueeze(1)).squeeze(1)
         tokens = tokens.index_put((rows,), picked)

@@ -6,7 +6,9 @@
 
 --checkpoint is a run's out_dir (its newest loadable checkpoint), one checkpoint, or a Hugging
 Face GPT-2 directory, as for sample.py. The figures come from evaluation.py, which train.py's
-evals use too. A short table goes to stdout; --out writes the figures as JSON (atomically).
+evals use too. A short table goes to stdout; --out writes the figures as JSON: atomically to a
+file (an existing one is replaced only with --overwrite; through a symlink, to its target), or
+straight into a device or pipe such as /dev/stdout.
 A problem with the input prints one `error: ...` line and exits with status 2.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import stat
 import sys
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import atomic
 import checkpoints
 import devices
 import evaluation
+import shards
 from errors import DataError, exit_status
 from shards import ShardLoader, list_shards
 from tokenizer import gpt2_tokenizer
@@ -50,13 +54,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
                    help="auto: bf16 where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
                         "timed against float32 at this model's shapes), float32 elsewhere")
-    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.add_argument("--out", default=None, help="write the figures to this JSON file (or /dev/stdout)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     args = p.parse_args(argv)
     for name in ("limit", "batch_size", "block_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be >= 1, got {value}")
     return args
+
+
+def is_special(path: Path) -> bool:
+    """A device, pipe or socket (or /dev/stdout, /proc/self/fd/N): written to directly, never replaced."""
+    if str(path.absolute()).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(path.stat().st_mode) and not path.is_dir()
+    except OSError:
+        return False
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that cannot be written, before the evaluation runs: a missing directory, a
+    directory, or an existing file without --overwrite. Raises DataError naming it."""
+    if args.out is None:
+        return
+    out = Path(args.out)
+    if is_special(out):
+        return
+    target = out.resolve()  # a symlink is written through, to its target
+    if target.is_dir():
+        raise DataError(f"--out {out} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise DataError(f"--out {out}: the directory {target.parent} does not exist")
+    if target.exists() and not args.overwrite:
+        raise DataError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
+
+
+def write_out(out: Path, figures: dict) -> None:
+    """The figures as JSON into --out (see check_out)."""
+    text = json.dumps(figures, indent=2) + "\n"
+    if is_special(out):
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        atomic.write_text(out.resolve(), text)
 
 
 def training_block_size(directory: Path) -> int | None:
@@ -74,7 +116,13 @@ def evaluate_val(model, directory: Path, args, device, dtype) -> dict:
     block_size = args.block_size or training_block_size(directory) or model.config.block_size
     if block_size > model.config.block_size:
         raise DataError(f"--block_size {block_size} exceeds the model's context ({model.config.block_size})")
-    loader = ShardLoader(list_shards(data, "val"), block_size, 1, shuffle=False)
+    paths = list_shards(data, "val")
+    read_val_meta(data)  # a malformed meta.json is reported before the evaluation, not after it
+    largest = shards.max_token_id(paths)
+    if largest >= model.config.vocab_size:
+        raise DataError(f"the val shards in {data} hold token id {largest}, but the model's "
+                        f"vocab_size={model.config.vocab_size} only covers ids below it")
+    loader = ShardLoader(paths, block_size, 1, shuffle=False)
     ids = np.arange(loader.num_windows)[: args.limit]
     batches = (loader.read_windows(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
     bar = tqdm(batches, total=math.ceil(len(ids) / args.batch_size), desc="val", unit="batch",
@@ -82,16 +130,32 @@ def evaluate_val(model, directory: Path, args, device, dtype) -> dict:
     total, tokens = evaluation.window_losses(model, bar, device, devices.autocast(device, dtype))
     loss = total / tokens
     figures = {"task": "val", "loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "bits_per_byte": None}
-    meta = data / "meta.json"
-    if meta.is_file():
-        val = json.loads(meta.read_text()).get("val", {})
-        if val.get("bytes"):
-            figures["bits_per_byte"] = evaluation.bits_per_byte(loss, val["tokens"], val["bytes"])
+    val = read_val_meta(data)
+    if val.get("bytes"):
+        figures["bits_per_byte"] = evaluation.bits_per_byte(loss, val["tokens"], val["bytes"])
     return figures
+
+
+def read_val_meta(data: Path) -> dict:
+    """The "val" entry of a data directory's meta.json ({} without one). Raises DataError for a
+    meta.json that is not what prepare_data.py writes."""
+    meta = data / "meta.json"
+    if not meta.is_file():
+        return {}
+    try:
+        val = json.loads(meta.read_text(encoding="utf-8")).get("val", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise DataError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
+    ok = isinstance(val, dict) and all(isinstance(val.get(k, 0), int) and not isinstance(val.get(k, 0), bool)
+                                       and val.get(k, 0) >= 0 for k in ("tokens", "bytes"))
+    if not ok or (val.get("bytes") and not val.get("tokens")):
+        raise DataError(f"{meta}: 'val' must hold whole numbers 'tokens' and 'bytes', got {str(val)[:80]}")
+    return val
 
 
 def evaluate_hellaswag(model, args, device, dtype) -> dict:
     examples = evaluation.load_hellaswag(args.data, gpt2_tokenizer(), args.limit)
+    evaluation.check_vocab(examples, model.config.vocab_size, args.data)
     sequences = sum(len(e.choices) for e in examples)
     with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=sequences < 400, file=sys.stderr) as bar:
         scores = evaluation.score_choices(model, examples, args.batch_size, device, devices.autocast(device, dtype),
@@ -101,6 +165,7 @@ def evaluate_hellaswag(model, args, device, dtype) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_out(args)
     device = devices.resolve_device(args.device)
     directory, _, model = checkpoints.load_latest(
         args.checkpoint, checkpoints.load_model, need_state=False, warn=lambda msg: print(msg, file=sys.stderr))
@@ -119,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         if key not in ("task", "checkpoint"):
             print(f"{key:>14}  {value if value is None or isinstance(value, int) else f'{value:.4f}'}")
     if args.out:
-        atomic.write_json(Path(args.out), figures)
+        write_out(Path(args.out), figures)
     return figures
 
 

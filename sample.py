@@ -22,6 +22,7 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--top_k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        p.error(f"--seed must be in [0, 2**64), got {args.seed}")
     return args
 
 
@@ -210,7 +213,12 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 for a problem with the input)."""
     args = parse_args(argv)
-    return exit_status(lambda: run(args))
+    try:
+        return exit_status(lambda: run(args))
+    except BrokenPipeError:  # the reader went away (sample.py | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush of stdout cannot fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, get_args, get_origin, get_type_hints
@@ -192,7 +193,24 @@ def load_config(argv: list[str]) -> TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         scope: dict = {}
-        exec(compile(path.read_text(), str(path), "exec"), scope)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            code = compile(source, str(path), "exec")
+        except (SyntaxError, ValueError) as err:
+            where = f" at line {err.lineno}" if getattr(err, "lineno", None) else ""
+            raise ConfigError(f"config file {path} is not valid Python{where}: {getattr(err, 'msg', err)}") from None
+        try:
+            exec(code, scope)
+        except Exception as err:  # noqa: BLE001 -- a config file is a script; whatever it raises is the user's
+            line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
+                         if f.filename == str(path)), None)
+            raise ConfigError(f"config file {path} raised {type(err).__name__}"
+                              f"{f' at line {line}' if line else ''}: {err}") from None
         names = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
                  and type(v).__name__ != "module"}
         for key, value in names.items():
@@ -298,6 +316,16 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
         cfg.lr_decay_steps = cfg.max_steps
     need(cfg.lr_decay_steps >= cfg.warmup_steps,
          f"lr_decay_steps={cfg.lr_decay_steps} must be >= warmup_steps={cfg.warmup_steps}")
+    if cfg.log_with:
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType]
+        installed = [t.value for t in get_available_trackers()]
+        need(cfg.log_with in known, f"log_with={cfg.log_with!r} must be one of {known}")
+        need(cfg.log_with not in known or cfg.log_with in installed + ["all"],
+             f"log_with={cfg.log_with!r} is not installed here (installed trackers: {installed or 'none'}); "
+             f"pip install {cfg.log_with}")
     if cfg.plot:
         import importlib.util
 
@@ -392,10 +420,20 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, meta: dict) -> None:
-        """Take the fields a checkpoint's meta.json holds (it holds more: `files`)."""
+        """Take the fields a checkpoint's meta.json holds (it holds more: `files`). Raises
+        CheckpointError naming a field of the wrong type (a damaged or hand-edited meta.json)."""
+        hints = get_type_hints(TrainState)
         for f in dataclasses.fields(self):
-            if f.name in meta:
-                setattr(self, f.name, meta[f.name])
+            if f.name not in meta:
+                continue
+            value, hint = meta[f.name], hints[f.name]
+            allowed = tuple(float if a is float else a for a in (get_args(hint) or (hint,)))
+            if float in allowed:
+                allowed += (int,)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed) \
+                    or (isinstance(value, int) and value < 0 and f.name != "loss"):
+                raise CheckpointError(f"meta.json: {f.name}={value!r} is not a valid {_type_name(hint)}")
+            setattr(self, f.name, value)
 
 
 @dataclass
@@ -516,22 +554,61 @@ def select_resume(cfg: TrainConfig, log) -> Resume:
     if not checkpoints.list_checkpoints(cfg.out_dir):
         raise CheckpointError(f"init_from=resume but {checkpoints.ckpt_root(cfg.out_dir)} holds no checkpoint")
 
-    def load(ckpt: Path) -> tuple[dict, GPT]:
+    def load(ckpt: Path) -> tuple[dict, TrainState, GPT]:
         try:
             train_config = json.loads((ckpt / checkpoints.TRAIN_CONFIG_FILE).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not readable JSON ({err})") from None
-        return train_config, checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+        if not isinstance(train_config, dict) or not isinstance(train_config.get("tokens_per_step"), (int, type(None))):
+            raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
+        state = TrainState()
+        state.load_state_dict(checkpoints.read_meta(ckpt))
+        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+        try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"))
+        return train_config, state, model
 
-    ckpt, meta, (train_config, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
+    ckpt, _, (train_config, state, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
     chosen = [ckpt.name]
     broadcast_object_list(chosen)  # from the main process; a no-op with one process
     if chosen[0] != ckpt.name:
         raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
                               f"is {cfg.out_dir} on a file system every machine shares?")
-    state = TrainState()
-    state.load_state_dict(meta)
     return Resume(ckpt, state, train_config, model)
+
+
+def try_load_training_state(state_dir: Path, model: GPT, optimizer: str) -> None:
+    """Load what Accelerate's load_state will load from `state_dir` (each optimizer state into an
+    optimizer of `model` built as the checkpoint's `optimizer` setting builds them, this process's
+    RNG state, the fp16 scaler's), on the CPU, and drop it:
+    a checkpoint whose files verify but do not load counts as damaged before anything is chosen.
+    (Accelerate would only log an RNG file that fails to load, and the resume would not repeat.)
+    Loads with weights_only, as Accelerate does: a file that holds code is refused, never run.
+    Raises CheckpointError naming the file."""
+    from accelerate.utils import load as load_state_file
+
+    rng_file = state_dir / f"random_states_{PartialState().process_index}.pkl"
+    path = state_dir / "optimizer.bin"
+    try:
+        # The optimizers' structure is what counts: the defaults stand in for the rates and betas.
+        shape_only = TrainConfig(optimizer=optimizer if optimizer in OPTIMIZERS else "adamw")
+        if shape_only.optimizer == "muon":
+            shape_only = dataclasses.replace(shape_only, muon_lr=shape_only.learning_rate)
+        for i, opt in enumerate(make_optimizers(model, shape_only, torch.device("cpu"))):
+            path = state_dir / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")  # Accelerate's names
+            opt.load_state_dict(load_state_file(path, map_location="cpu"))
+        if rng_file.exists():  # absent when the run now has more processes than the one that saved it
+            path = rng_file
+            rng = load_state_file(path)
+            missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(rng)
+            if missing:
+                raise ValueError(f"no {', '.join(sorted(missing))}")
+            torch.get_rng_state().copy_(rng["torch_manual_seed"])  # checks its size and type, changes nothing
+        if (state_dir / "scaler.pt").exists():
+            path = state_dir / "scaler.pt"
+            load_state_file(path)
+    except Exception as err:  # noqa: BLE001 -- torch.load and load_state_dict raise many types; all mean "cannot load"
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load {path} ({type(err).__name__}: {first_line[:200]})") from None
 
 
 # ------------------------------------------------------------------------- setup
@@ -561,11 +638,38 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> GPT:
     return model
 
 
+def is_run_output(path: Path) -> bool:
+    """Whether the file `path` (named as one of RUN_FILES, or its temporary) is what a run writes
+    there, told by its content, not its name: a JSON object whose keys are all TrainConfig
+    fields (config.json), JSON lines with an integer step (log.jsonl), a PNG (loss.png)."""
+    name = path.name.removesuffix(atomic.TMP_SUFFIX)
+    try:
+        if name == "loss.png":
+            with open(path, "rb") as f:
+                return f.read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(path, "rb") as f:
+            text = f.read(1 << 16).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if name == "config.json":
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(saved, dict) and set(saved) <= set(_field_types())
+    first = text.split("\n", 1)[0].strip()  # log.jsonl
+    try:
+        return not first or isinstance(json.loads(first).get("step"), int)
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def run_outputs(out_dir: Path) -> list[Path]:
     """What an earlier run left in out_dir that a new one would replace: its files (RUN_FILES and
-    their temporaries), checkpoints and checkpoint leftovers. Nothing else counts."""
-    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    found += [p for name in RUN_FILES for p in [atomic.tmp_name(out_dir / name)] if p.exists()]
+    their temporaries, when their content is a run's: is_run_output), checkpoints and checkpoint
+    leftovers. Nothing else counts."""
+    named = [p for name in RUN_FILES for p in (out_dir / name, atomic.tmp_name(out_dir / name)) if p.is_file()]
+    found = [p for p in named if is_run_output(p)]
     return found + checkpoints.list_checkpoints(out_dir) + checkpoints.leftovers(out_dir)
 
 
@@ -574,7 +678,14 @@ def check_out_dir(cfg: TrainConfig) -> list[Path]:
     naming them when there are any and overwrite is off: nothing is deleted or overwritten."""
     if cfg.init_from == "resume":
         return []
-    found = run_outputs(Path(cfg.out_dir))
+    out_dir = Path(cfg.out_dir)
+    foreign = [p.name for p in (out_dir / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
+    if checkpoints.is_weights_dir(out_dir) or foreign:
+        what = "model weights" if checkpoints.is_weights_dir(out_dir) else "files"
+        raise ConfigError(f"out_dir={out_dir} holds {what} this project did not write as a run's outputs "
+                          f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
+                          f"choose another out_dir (nothing was changed)")
+    found = run_outputs(out_dir)
     if found and not cfg.overwrite:
         names = ", ".join(str(p.relative_to(cfg.out_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         raise ConfigError(
@@ -604,6 +715,8 @@ def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
             data_vocab = json.loads(meta.read_text()).get("vocab_size")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
             raise ShardError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
+        if data_vocab is not None and (not isinstance(data_vocab, int) or isinstance(data_vocab, bool)):
+            raise ShardError(f"{meta}: vocab_size={data_vocab!r} is not a whole number; run prepare_data.py again")
         if data_vocab is not None and data_vocab > vocab_size:
             raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's vocab_size={vocab_size}")
         return
@@ -742,12 +855,20 @@ def train_step(model, optimizers: list, accelerator: Accelerator, loader: ShardL
     return StepStats(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stopped > 0, applied=applied)
 
 
+def _verifies(ckpt: Path) -> bool:
+    try:
+        checkpoints.verify(ckpt, need_state=True)
+    except CheckpointError:
+        return False
+    return True
+
+
 def diverged(cfg: TrainConfig, step: int, what: str) -> DivergenceError:
     """The error for a non-finite step: names it and the newest checkpoint, whose weights were
     checked finite when it was saved (or says there is none)."""
-    last = checkpoints.list_checkpoints(cfg.out_dir)
+    last = [ckpt for ckpt in checkpoints.list_checkpoints(cfg.out_dir) if _verifies(ckpt)]
     where = (f"The last good checkpoint is {last[-1]} (its weights are all finite): lower learning_rate and "
-             f"continue with --init_from=resume" if last else "No checkpoint was saved yet.")
+             f"continue with --init_from=resume" if last else "No checkpoint that verifies was saved yet.")
     return DivergenceError(f"{what} at step {step}; stopping without saving. {where}")
 
 
@@ -851,9 +972,14 @@ class Run:
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=self.state.step)
 
 
-def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None) -> Run:
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived before training started: nothing in out_dir was changed."""
+
+
+def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> Run:
     """Model, data, out_dir, optimizer, Accelerate and the starting TrainState, each checked
-    before anything is written; an earlier run's outputs are removed only after that."""
+    before anything is written; an earlier run's outputs are removed only after that. Raises
+    Interrupted, before writing anything, when a stop signal arrived during the setup."""
     is_main = accelerator.is_main_process
     log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
     out_dir = Path(cfg.out_dir)
@@ -877,8 +1003,27 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
     if resume is not None:
         state = dataclasses.replace(resume.state, num_processes=world)
         train_loader.load_state_dict(state.train_loader)
+    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+                if cfg.hellaswag_data else None)
+    if examples is not None:
+        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
 
-    if is_main:  # only now, with the model and data known to be good, may an earlier run's outputs go
+    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
+    optimizers = make_optimizers(raw_model, cfg, accelerator.device)
+    model, *optimizers = accelerator.prepare(raw_model, *optimizers)  # compiles too, with compile=true
+    _skip_model_weights_in_state(accelerator)
+    if resume is not None:
+        try:  # select_resume loaded these files once already; this is not expected to fail
+            accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
+                                  f"({type(err).__name__}: {first_line})") from err
+
+    if not _all_ranks(accelerator, stop.received is None):
+        raise Interrupted(f"stopped by {stop.received or 'a signal on another process'} before training started; "
+                          f"nothing in {out_dir} was changed")
+    if is_main:  # only now, with everything loaded and checked, may an earlier run's outputs go
         clear_outputs(old_outputs)
         if resume is not None:
             checkpoints.remove_leftovers(out_dir)
@@ -886,18 +1031,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(out_dir / "config.json", dataclasses.asdict(cfg))
     accelerator.wait_for_everyone()
-
-    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
-    optimizers = make_optimizers(raw_model, cfg, accelerator.device)
-    model, *optimizers = accelerator.prepare(raw_model, *optimizers)  # compiles too, with compile=true
-    _skip_model_weights_in_state(accelerator)
     if resume is not None:
-        try:  # Accelerate unpickles with weights_only=True: a file that holds code is refused, never run
-            accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
-        except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
-                                  f"({type(err).__name__}: {first_line})") from err
         log(f"resumed from {resume.ckpt} at step {state.step}")
     if cfg.log_with:
         accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
@@ -905,8 +1039,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None)
         f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
         f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
     evaluators = [lambda: {"val_loss": evaluate(model, val_loader, accelerator, cfg.eval_steps)}]
-    if cfg.hellaswag_data:
-        examples = evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+    if examples is not None:
         evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
         log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
@@ -953,15 +1086,16 @@ def checkpoint(run: Run) -> None:
     run.log(f"saved {save_checkpoint(run.accelerator, run.model, run.raw_model, run.cfg, run.state)}")
 
 
-def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None = None) -> tuple[GPT, dict]:
-    """Run training to cfg.max_steps (or a stop signal).
+def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> tuple[GPT, dict]:
+    """Run training to cfg.max_steps (or a signal caught by `stop`).
 
     Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
-    loss, val_loss, loader position). Raises DivergenceError for a non-finite step.
+    loss, val_loss, loader position). Raises DivergenceError for a non-finite step, Interrupted
+    for a signal before training started.
     """
-    run = setup_run(cfg, accelerator, resume)
+    run = setup_run(cfg, accelerator, resume, stop)
     state, throughput = run.state, Throughput(run)
-    with StopSignal() as stop, tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+    with tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                                     disable=not accelerator.is_main_process) as bar:
         if state.step == 0:
             run_evals(run)
@@ -1059,7 +1193,24 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
         print(config_help())
         return None
     cfg = load_config(argv)
+    with StopSignal() as stop:  # from here on, SIGINT/SIGTERM stop the run between steps, or before it writes
+        return _locked_main(cfg, stop)
+
+
+def _locked_main(cfg: TrainConfig, stop: StopSignal) -> tuple[GPT, dict] | None:
     state = start_processes()
+    # One run at a time in out_dir: the main process holds its lock until it exits; the run's other
+    # processes wait for it, so none of them reads out_dir while another run may be writing there.
+    lock = atomic.lock_dir(cfg.out_dir, ConfigError, "out_dir") if state.is_main_process else None
+    try:
+        state.wait_for_everyone()
+        return _main(cfg, state, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _main(cfg: TrainConfig, state: PartialState, stop: StopSignal) -> tuple[GPT, dict] | None:
     log = print if state.is_main_process else (lambda msg: None)
     resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
     check_optimizer_fits(cfg, resume)
@@ -1071,6 +1222,10 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
             raise
         raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
                           f"{state.num_processes}: {err}") from None
+    if resume is not None and resume.state.step >= cfg.max_steps:
+        log(f"nothing to train: {resume.ckpt} is at step {resume.state.step} and max_steps={cfg.max_steps}; "
+            f"raise max_steps (and lr_decay_steps) to train further. Nothing in {cfg.out_dir} was changed")
+        return resume.model, resume.state.state_dict()
     # "auto" may time bf16 against fp32: the main process decides, so every process trains alike
     choice = [devices.mixed_precision(cfg.mixed_precision, state.device, devices.Workload.of("batched", cfg))
               if state.is_main_process else None]
@@ -1083,7 +1238,7 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
         log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
             f"uses {describe_processes(accelerator)}")
     set_seed(cfg.seed)  # same initial weights on every process
-    return fit(cfg, accelerator, resume)
+    return fit(cfg, accelerator, resume, stop)
 
 
 if __name__ == "__main__":
@@ -1092,3 +1247,6 @@ if __name__ == "__main__":
     except DivergenceError as err:  # the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(143 if "SIGTERM" in str(err) else 130)

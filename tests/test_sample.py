@@ -312,3 +312,29 @@ def test_missing_tokenizer_is_one_line(dirs, tmp_path):
                                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: could not load the GPT-2 tokenizer") and "TIKTOKEN_CACHE_DIR" in proc.stderr
+
+
+@pytest.mark.parametrize("extreme", [["--top_p", "1e-50"], ["--temperature", "1e-45"]])
+def test_extreme_filters_keep_the_most_likely_token(capsys, dirs, extreme):
+    """A nucleus smaller than any probability, or a temperature that overflows logits / T, leaves
+    only the most likely token: the greedy text, never an error."""
+    base = ["--checkpoint", dirs["hf"], "--prompt", "Once upon a time", "--max_new_tokens", 12, "--seed", 3]
+    code, greedy, _ = run_cli(capsys, *base, "--temperature", 0)
+    code, out, err = run_cli(capsys, *base, *extreme)
+    assert code == 0, err
+    assert out == greedy
+
+
+def test_a_seed_beyond_64_bits_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--checkpoint", "x", "--seed", str(2**70)])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_sampling_quietly(dirs):
+    """`sample.py | head -c 10`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{sys.executable} sample.py --checkpoint {dirs['hf']} --num_samples 200 "
+                          f"--max_new_tokens 20 --seed 1 --stream | head -c 10", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "Broken" not in proc.stderr, proc.stderr
+    assert len(proc.stdout) == 10

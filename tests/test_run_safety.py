@@ -1,0 +1,276 @@
+"""One run per output directory (an OS lock), nothing removed before everything is checked, only
+this project's outputs removed, every file a resume loads verified (with fallback past any that
+does not load), and the divergence and resume messages naming what holds.
+
+Real runs of configs/tiny.py on the Markov corpus: train.main in-process, `python train.py` as a
+subprocess where a second process must hold the lock."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState
+
+import atomic
+import checkpoints
+import prepare_data
+import train
+from conftest import ROOT, VOCAB, assert_one_line_error, env, run_command, tiny_args, wait_until
+from errors import ConfigError, DataError, DivergenceError
+
+
+def main(*argv):
+    """train.main as a fresh `python train.py` would run it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train.main([str(a) for a in argv])
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+COMMON = ["--max_steps=4", "--lr_decay_steps=8", "--ckpt_interval=2", "--keep_last_ckpts=3", "--log_interval=1",
+          "--eval_interval=100", "--dropout=0.1"]  # dropout: a resume repeats only with the RNG state restored
+
+
+@pytest.fixture(scope="module")
+def run4(data_dir, tmp_path_factory):
+    """A run of 4 steps with checkpoints at steps 2 and 4, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("run4") / "run"
+    main(*tiny_args(data_dir, out, *COMMON))
+    return out
+
+
+@pytest.fixture
+def run_copy(run4, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run4, out)
+    return out
+
+
+# ------------------------------------------------------------------ the lock
+
+
+def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_dir, tmp_path):
+    """A real run holds out_dir: a second start (new or resume) exits 2 naming its pid and touches
+    nothing; once the holder is killed with -9, the kernel has released the lock and a resume runs."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=100000",
+                               "--ckpt_interval=1", "--eval_interval=100000", "--log_interval=1000")],
+                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: len(checkpoints.list_checkpoints(out)) >= 1, timeout=120)
+        for extra in ([], ["--init_from=resume"], ["--overwrite=true"]):
+            proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", *extra))
+            assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    step = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
+    _, state = main(*tiny_args(data_dir, out, f"--max_steps={step + 1}", "--init_from=resume"))
+    assert state["step"] == step + 1
+    assert not (out / atomic.LOCK_FILE).exists(), "a finished run removes its lock file"
+
+
+def test_the_lock_is_taken_before_out_dir_is_read(data_dir, run_copy):
+    before = snapshot(run_copy)
+    with atomic.lock_dir(run_copy, ConfigError, "out_dir"):
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} "):
+            main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
+        with pytest.raises(ConfigError, match="in use by another run"):
+            main(*tiny_args(data_dir, run_copy, "--max_steps=6", "--init_from=resume"))
+    assert snapshot(run_copy) == before
+
+
+def test_prepare_data_locks_its_out_dir(tmp_path):
+    out = tmp_path / "data"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    with atomic.lock_dir(out, DataError, "--out"):
+        with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
+            prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)
+    assert not out.exists(), "the lock's holder made the directory and removed it again"
+    prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)  # released: it runs
+    assert (out / "meta.json").is_file()
+
+
+def test_out_dir_under_a_file_is_one_line(data_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_command("train.py", *tiny_args(data_dir, tmp_path / "file" / "run"))
+    assert_one_line_error(proc, f"out_dir={tmp_path / 'file' / 'run'} cannot be used")
+    proc = run_command("prepare_data.py", "--input", tmp_path / "file", "--out", tmp_path / "file" / "data")
+    assert_one_line_error(proc, f"--out={tmp_path / 'file' / 'data'} cannot be used")
+
+
+# ------------------------------------------------------------------ nothing removed before everything is checked
+
+
+def test_overwrite_removes_nothing_when_an_input_is_bad(data_dir, run_copy, tmp_path):
+    before = snapshot(run_copy)
+    bad = tmp_path / "hs.jsonl"
+    bad.write_text(json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": None, "endings": ["w", "x", "y", "z"],
+                               "label": 0}) + "\n")
+    proc = run_command("train.py", *tiny_args(data_dir, run_copy, "--overwrite=true", f"--hellaswag_data={bad}"))
+    assert_one_line_error(proc, f"{bad}:1", "'ctx_b' is None, not a string")
+    proc = run_command("train.py", *tiny_args(data_dir, run_copy, "--overwrite=true", "--log_with=bogus"))
+    assert_one_line_error(proc, "log_with='bogus' must be one of")
+    assert snapshot(run_copy) == before
+
+
+def test_a_gpt2_directory_as_out_dir_is_refused(data_dir, run4, tmp_path):
+    import shutil
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(checkpoints.step_dir(run4, 4), gpt2, ignore=shutil.ignore_patterns("state", "meta.json",
+                                                                                      "train_config.json"))
+    before = snapshot(gpt2)
+    for extra in ([], ["--overwrite=true"]):
+        with pytest.raises(ConfigError, match=r"holds model weights this project did not write .*config\.json"):
+            main(*tiny_args(data_dir, gpt2, "--max_steps=1", *extra))
+    assert snapshot(gpt2) == before
+    checkpoints.load_model(gpt2)
+
+
+def test_overwrite_keeps_a_users_files_with_run_names(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    with pytest.raises(ConfigError, match=r"holds files this project did not write .*config\.json"):
+        main(*tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
+    assert (out / "config.json").read_text() == '{"model_type": "gpt2", "n_layer": 2}'
+
+
+# ------------------------------------------------------------------ every file a resume loads is verified
+
+
+def _zero_tail(path, count=22):
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes(count)
+    path.write_bytes(bytes(data))
+
+
+def _meta_with(**fields):
+    def damage(ckpt):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        (ckpt / "meta.json").write_text(json.dumps({**meta, **fields}))
+    return damage
+
+
+DAMAGE = {
+    "optimizer tail": (lambda ckpt: _zero_tail(ckpt / "state" / "optimizer.bin"), "optimizer.bin"),
+    "rng tail": (lambda ckpt: _zero_tail(ckpt / "state" / "random_states_0.pkl"), "random_states_0.pkl"),
+    "meta field type": (_meta_with(tokens_seen="many"), "tokens_seen='many'"),
+    "meta loader type": (_meta_with(train_loader="start"), "train_loader='start'"),
+}
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6"))
+    return {r["step"]: r["loss"] for r in train.read_log(out / "log.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_falls_back_past_any_file_that_does_not_verify(data_dir, run_copy, capsys, straight, damage):
+    out = run_copy
+    damage_fn, named = DAMAGE[damage]
+    damage_fn(checkpoints.step_dir(out, 4))
+    capsys.readouterr()
+    main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6", "--init_from=resume"))
+    printed = capsys.readouterr().out
+    warning = next(line for line in printed.splitlines() if "skipping damaged checkpoint" in line)
+    assert "step_0000004" in warning and named in warning
+    assert f"resumed from {checkpoints.step_dir(out, 2)} at step 2" in printed
+    got = {r["step"]: r["loss"] for r in train.read_log(out / "log.jsonl") if "loss" in r}
+    assert got == straight, "bit-exact with the straight run, RNG included"
+
+
+def test_divergence_names_the_newest_checkpoint_that_verifies(data_dir, run_copy):
+    _zero_tail(checkpoints.step_dir(run_copy, 4) / "state" / "optimizer.bin")
+    with pytest.raises(DivergenceError) as info:
+        main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=6", "--init_from=resume", "--learning_rate=1e40",
+                        "--min_lr=0"))
+    assert f"last good checkpoint is {checkpoints.step_dir(run_copy, 2)} " in str(info.value)
+
+
+def test_resume_past_max_steps_says_so_and_changes_nothing(data_dir, run_copy, capsys):
+    before = snapshot(run_copy)
+    _, state = main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=3", "--init_from=resume"))
+    assert state["step"] == 4
+    assert re.search(r"nothing to train: .*step_0000004 is at step 4 and max_steps=3", capsys.readouterr().out)
+    assert snapshot(run_copy) == before
+
+
+def test_checkpoint_files_are_published_with_the_usual_mode(run4):
+    mode = atomic.file_mode()
+    for path in checkpoints.step_dir(run4, 4).rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == mode, path
+    assert (run4 / "config.json").stat().st_mode & 0o777 == mode
+
+
+# ------------------------------------------------------------------ one line and exit 2, or a clean stop
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"n_layer = (\n", "is not valid Python at line"),
+    (b"n_layer = 1 // 0\n", "raised ZeroDivisionError at line 1: integer division or modulo by zero"),
+    (b"# caf\xe9\nn_layer = 2\n", "is not UTF-8 text"),
+])
+def test_a_broken_config_file_is_one_line(data_dir, tmp_path, content, message):
+    config = tmp_path / "broken.py"
+    config.write_bytes(content)
+    proc = run_command("train.py", config, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, f"config file {config}", message)
+
+
+def test_a_string_vocab_size_in_the_datas_meta_json_is_one_line(data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "meta.json").write_text('{"vocab_size": "50257"}')
+    proc = run_command("train.py", *tiny_args(data, tmp_path / "run", "--max_steps=1"))
+    assert_one_line_error(proc, "vocab_size='50257' is not a whole number")
+
+
+def test_a_signal_during_setup_stops_before_anything_is_written(data_dir, run_copy, tmp_path):
+    """SIGINT while HellaSwag is being tokenized: exit 130 with one line, the earlier run intact."""
+    rows = [{"activity_label": "Cooking", "ctx_a": f"A chef chops onions on board {i}.", "ctx_b": "She",
+             "endings": ["adds them to a pan.", "throws the board.", "sings loudly.", "sleeps."], "label": 0}
+            for i in range(30_000)]
+    hellaswag = tmp_path / "hs.jsonl"
+    hellaswag.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(run_copy)
+    args = [a for a in tiny_args(data_dir, run_copy, "--overwrite=true", f"--hellaswag_data={hellaswag}")
+            if not a.startswith("--vocab_size")]  # GPT-2's vocabulary, which HellaSwag's tokens need
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lock = run_copy / atomic.LOCK_FILE
+    assert wait_until(lambda: lock.is_file() and lock.read_text().strip(), timeout=120)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGINT before training started" in err, err[-3000:]
+    assert snapshot(run_copy) == before
+
+
+def test_only_an_opaque_error_on_a_full_file_system_counts_as_disk_full(small_disk):
+    import errno
+
+    full = small_disk(64)
+    with pytest.raises(OSError):
+        (full / "filler").write_bytes(b"x" * (128 << 10))
+    assert atomic.is_disk_full(RuntimeError("unexpected pos 123"), full)  # torch.save's only word for it
+    assert atomic.is_disk_full(OSError(errno.ENOSPC, "No space left on device"), Path("/"))
+    assert not atomic.is_disk_full(PermissionError(errno.EACCES, "Permission denied"), full)
+    assert not atomic.is_disk_full(KeyError("weight"), full)
+    assert not atomic.is_disk_full(ValueError("bad shape"), full)
