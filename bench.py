@@ -426,10 +426,10 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
 def bench_head(reps: int = 5) -> None:
     """The loss head alone (forward + backward of lm_head + cross-entropy) at small.py's and GPT-2
     124M's shapes: the full path against both chunked implementations over chunk sizes. The
-    fastest chunk sizes here are the rule in model.cpu_chunk_rows."""
+    fastest chunk sizes here are the rule in loss_head.cpu_chunk_rows."""
     import torch.nn.functional as F
 
-    from model import linear_cross_entropy
+    from loss_head import linear_cross_entropy
 
     print(f"loss head, forward + backward, ms (median of {reps}), {torch.get_num_threads()} threads on {cpu_name()}")
     impls = ["own"] + (["torch"] if hasattr(F, "linear_cross_entropy") else [])

@@ -29,7 +29,8 @@ import torch
 
 import atomic
 from errors import DataError
-from model import GPT, IGNORE_INDEX
+from loss_head import IGNORE_INDEX
+from model import GPT
 
 # ------------------------------------------------------------------ held-out loss
 

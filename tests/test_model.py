@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import loss_head
 import model as model_module
 from model import GPT, GPTConfig
 
@@ -287,7 +288,7 @@ IMPLS = ["own"] + (["torch"] if hasattr(torch.nn.functional, "linear_cross_entro
 @pytest.fixture
 def small_chunks(monkeypatch):
     """7 rows per chunk: every test input spans several chunks, the last one ragged."""
-    monkeypatch.setattr(model_module, "cpu_chunk_rows", lambda n_embd, dtype: 7)
+    monkeypatch.setattr(loss_head, "cpu_chunk_rows", lambda n_embd, dtype: 7)
 
 
 def targets_with_ignored(B: int, T: int, seed: int) -> torch.Tensor:
@@ -304,7 +305,7 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(impl, reduction
     weight = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 300, (50,))
     targets[::5] = -100
-    loss = model_module.linear_cross_entropy(h, weight, targets, reduction, impl=impl)
+    loss = loss_head.linear_cross_entropy(h, weight, targets, reduction, impl=impl)
     expected = torch.nn.functional.cross_entropy(h @ weight.T, targets, reduction=reduction)
     upstream = torch.randn_like(expected)  # per-row weights for "none"
     grads = torch.autograd.grad((loss * upstream).sum(), (h, weight))
@@ -327,7 +328,7 @@ def test_linear_cross_entropy_keeps_losses_whose_probability_underflows(impl, sm
     h = (torch.randn(30, 16) * 40).requires_grad_()
     weight = torch.randn(200, 16, requires_grad=True)
     targets = torch.randint(0, 200, (30,))
-    loss = model_module.linear_cross_entropy(h, weight, targets, "none", impl=impl)
+    loss = loss_head.linear_cross_entropy(h, weight, targets, "none", impl=impl)
     expected = torch.nn.functional.cross_entropy(h @ weight.T, targets, reduction="none")
     assert (expected > 104).sum() >= 10  # beyond -log of the smallest float32
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,70 @@
+"""The layout promises of the README, checked on the source itself: model.py holds only the model
+(it imports torch and the loss head, never file helpers or the tokenizer), the modules import each
+other without cycles, and no function outside bench.py grows past a readable page."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+MAX_FUNCTION_LINES = 70
+MAX_GPT_LINES = 160
+
+
+def own_imports(module: str) -> set[str]:
+    """The project modules `module` imports anywhere in its source (top level or inside functions)."""
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+def test_importing_model_pulls_in_no_file_or_tokenizer_module():
+    code = ("import sys, model; own = {m for m in sys.modules if m in %r}; print(sorted(own))" % (MODULES,))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["loss_head", "model"]
+
+
+def test_project_modules_import_each_other_without_cycles():
+    graph = {m: own_imports(m) - {m} for m in MODULES}
+    visiting, done = [], set()
+
+    def visit(m):
+        assert m not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(m):] + [m])}"
+        if m in done:
+            return
+        visiting.append(m)
+        for dep in sorted(graph[m]):
+            visit(dep)
+        visiting.pop()
+        done.add(m)
+
+    for m in MODULES:
+        visit(m)
+
+
+def _functions(module: str):
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node
+
+
+def test_no_function_outside_bench_is_longer_than_a_page():
+    long = [f"{m}.py:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for m in MODULES if m != "bench" for n in _functions(m)
+            if not isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_gpt_class_stays_small():
+    gpt = next(n for n in _functions("model") if isinstance(n, ast.ClassDef) and n.name == "GPT")
+    assert gpt.end_lineno - gpt.lineno + 1 < MAX_GPT_LINES
