@@ -23,7 +23,7 @@ min_lr = 1.5e-4
 weight_decay = 0.1
 grad_clip = 1.0
 # optimizer = "adamw" (the default) is kept. Muon for the blocks' matrices was measured against it in
-# 300-step runs of this config on a shared CPU (README, "Optimizer: AdamW against Muon"): val loss at
+# 300-step runs of this config on a shared CPU (docs/benchmarks.md, "Optimizer: AdamW against Muon"): val loss at
 # step 100 with muon_lr 1.5e-3 / 3e-3 / 6e-3: 5.88 / 5.80 / 5.79 against AdamW's 6.02; at step 300,
 # muon_lr=1.5e-3 5.32, 6e-3 5.24, AdamW 5.48. The full 1,450-step run with Muon was not measured.
 
