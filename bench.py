@@ -1,4 +1,4 @@
-"""Benchmarks, one function per section; they print the figures quoted in the README.
+"""Benchmarks, one function per section; they print the figures in docs/benchmarks.md.
 
     python bench.py data     # prepare_data.py throughput against single-threaded tiktoken, and its peak memory
     python bench.py train    # training tokens/s and MFU, this GPT vs transformers' GPT2LMHeadModel; peak memory
