@@ -151,6 +151,7 @@ def test_checkpoint_without_the_extras_still_loads_and_resumes(run, tmp_path):
     for name in EXTRAS:
         (newest / name).unlink()
         del meta["files"][name]
+        meta["sha256"].pop(name)  # as a checkpoint saved before these files existed lists them
     (newest / "meta.json").write_text(json.dumps(meta))
 
     _, directory = sample.load_model(str(copy), torch.device("cpu"))
