@@ -278,7 +278,7 @@ def _small_shape() -> dict:
     from train import load_config
 
     cfg = load_config([str(ROOT / "configs" / "small.py")])
-    shape = {k: getattr(cfg, k) for k in SMALL}
+    shape = {k: getattr(cfg.model, k) for k in SMALL}
     assert shape == SMALL, f"configs/small.py changed shape: {shape}"
     return shape
 
@@ -372,7 +372,7 @@ def bench_train(steps: int = 7, compile: bool = True) -> None:
 
     shape = _small_shape()
     cfg = load_config([str(ROOT / "configs" / "small.py")])
-    B, T = cfg.micro_batch_size, cfg.block_size
+    B, T = cfg.micro_batch_size, cfg.model.block_size
     torch.manual_seed(0)
     x, y = torch.randint(0, 50257, (B, T)), torch.randint(0, 50257, (B, T))
     bf16 = native_bf16(torch.device("cpu"))
@@ -694,7 +694,7 @@ def bench_optimizer(steps: int = 5) -> None:
     the same random gradients, timed in turn; next to one forward + backward of a micro-batch, for
     scale. At configs/small.py's shape and at GPT-2 124M's."""
     from model import GPT, GPTConfig
-    from train import TrainConfig, make_optimizers, validate
+    from train import TrainConfig, make_optimizers, with_derived
 
     print(f"optimizer step: {torch.get_num_threads()} threads on {cpu_name()}, torch {torch.__version__}; "
           f"medians of {steps} steps taken in turn")
@@ -703,7 +703,8 @@ def bench_optimizer(steps: int = 5) -> None:
     for label, shape, batch in (("small.py", _small_shape(), 8), ("GPT-2 124M", GPT2_124M, 1)):
         torch.manual_seed(0)
         models = {name: GPT(GPTConfig(**shape)) for name in ("adamw", "muon")}
-        optimizers = {name: make_optimizers(model, validate(TrainConfig(optimizer=name), 1), torch.device("cpu"))
+        optimizers = {name: make_optimizers(model, with_derived(TrainConfig.from_flat(optimizer=name), 1),
+                                            torch.device("cpu"))
                       for name, model in models.items()}
         for model in models.values():
             for p in model.parameters():

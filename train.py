@@ -5,9 +5,11 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 train.py configs/tiny.py
     python train.py --help                # every field with its type, default and meaning
 
-Owns: the config (TrainConfig, load_config, validate), the one Accelerator, the optimizers (AdamW,
-or Muon + AdamW), the warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the
-Accelerate side of checkpoints (their layout, checks and publishing belong to checkpoints.py).
+Owns: the config (TrainConfig: built once from flat keys, checked, and never changed; what is
+derived is a new TrainConfig), the one Accelerator, the optimizers (AdamW, or Muon + AdamW), the
+warmup + cosine schedule, the loop (TrainState + train_step + fit), evaluation, logs, and the run
+directory (RunDir: lock, claim, resume, save, prune, log; the checkpoint layout, its checks and
+publishing belong to checkpoints.py).
 
 A config file is Python, executed as it is read (as in nanoGPT): trust it like a script.
 """
@@ -42,35 +44,28 @@ import devices
 import evaluation
 import shards
 from errors import CheckpointError, ConfigError, DivergenceError, ShardError, exit_status
-from model import ATTENTION_IMPLS, GPT, LOSS_IMPLS, GPTConfig
+from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
 from tokenizer import VOCAB_SIZE, gpt2_tokenizer
 
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Every training knob with its default. Config files and --field=value set these."""
+    """Every training knob with its default, built once (from_flat) and never changed: what is
+    derived from it (with_derived, a fine-tune's shape, the resolved mixed_precision) is a new
+    TrainConfig. Config files and --key=value set the flat keys (config_keys()): the model's
+    own fields are set by name (n_layer=4) and live once, in `model`."""
 
     # data and outputs
     data_dir: str = "data/shakespeare"  # holds train_*.bin and val_*.bin (prepare_data.py)
-    out_dir: str = "out/run"  # checkpoints, log.jsonl, config.json
+    out_dir: str = "out/run"  # checkpoints, log.jsonl, train_config.json
     init_from: str = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir) or a GPT-2 dir
     overwrite: bool = False  # let a scratch run replace an earlier run's outputs in out_dir (only those)
     seed: int = 1337
-    # model shape (with init_from a GPT-2 dir the shape comes from its weights, and block_size,
-    # the training window, may be shorter than its context)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024  # tokens per training window
-    vocab_size: int = 50257  # GPT-2's BPE; must exceed every token id in the data
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches
-    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    attention: str = "sdpa"  # "sdpa" or "manual"
-    loss_impl: str = "chunked"  # "chunked" (never builds the (B, T, vocab) logits) or "full"
-    gradient_checkpointing: bool = False  # recompute blocks in backward: less memory, one more forward
+    # the model (set by its fields' names: n_layer=4, block_size=256, ...; MODEL_KEYS)
+    model: GPTConfig = field(default_factory=GPTConfig)
     # batch: one optimizer step sees micro_batch_size x grad_accum_steps x processes sequences
     micro_batch_size: int = 8  # sequences per process per forward/backward
     grad_accum_steps: Optional[int] = None  # None: 1, or derived from tokens_per_step
@@ -107,21 +102,60 @@ class TrainConfig:
     log_with: str = ""  # an Accelerate tracker: "tensorboard", "wandb", ...
     plot: bool = False  # write out_dir/loss.png at the end (needs matplotlib)
 
+    @classmethod
+    def from_flat(cls, **values) -> "TrainConfig":
+        """The config that flat keys (a config file's names, --key=value) describe; keys not given
+        keep their defaults. Raises ConfigError listing every problem: GPTConfig's own check of the
+        model keys and config_problems' of the rest."""
+        model_values = {k: values.pop(k) for k in MODEL_KEYS if k in values}
+        try:
+            model, problems = GPTConfig(**model_values), []
+        except ValueError as err:
+            model, problems = GPTConfig(), [str(err)]  # a stand-in, so the other fields are checked too
+        cfg = cls(model=model, **values)
+        problems += config_problems(cfg)
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return cfg
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+    def to_flat(self) -> dict:
+        """The flat keys and their values, in config_keys() order: what train_config.json holds,
+        and what from_flat and a config file take back."""
+        return {k: getattr(self.model if k in MODEL_KEYS else self, k) for k in config_keys()}
+
+
+# GPTConfig's fields a run sets; GPT-2 ties its embeddings, and so does every run.
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "tie_embeddings")
+# What a model field means for training, beside (or instead of) GPTConfig's own comment.
+MODEL_KEY_NOTES = {
+    "block_size": "the training window: with init_from a GPT-2 dir it may be shorter than the weights' context",
+    "vocab_size": "must exceed every token id in the data",
+    "n_layer": "transformer blocks; with init_from a GPT-2 dir the shape (n_layer, n_head, n_embd, vocab_size) "
+               "comes from its weights",
+    "n_head": "attention heads; n_embd must be divisible by it",
+    "n_embd": "width of the residual stream",
+}
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("match_rms_adamw", "original")  # torch.optim.Muon's adjust_lr_fn
 MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
-RUN_FILES = ("config.json", "log.jsonl", "loss.png")  # besides ckpt/: what a run writes into out_dir
 
 
-def _field_types() -> dict[str, type]:
-    return get_type_hints(TrainConfig)
+def config_keys() -> dict[str, type]:
+    """Every flat key with its type hint, in TrainConfig's order with `model` spelled out."""
+    own, model = get_type_hints(TrainConfig), get_type_hints(GPTConfig)
+    keys = {}
+    for f in dataclasses.fields(TrainConfig):
+        keys.update({k: model[k] for k in MODEL_KEYS} if f.name == "model" else {f.name: own[f.name]})
+    return keys
+
+
+def _defaults() -> dict:
+    return TrainConfig().to_flat()
 
 
 def _closest(name: str) -> str:
-    match = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(TrainConfig)], n=1)
+    match = difflib.get_close_matches(name, list(config_keys()), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
@@ -131,24 +165,28 @@ def _type_name(hint) -> str:
     return hint.__name__
 
 
+def _source_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a dataclass, read from its source."""
+    found = (re.match(r"\s+(\w+):[^=]+=.*?#\s*(.+)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
+
+
 def config_help() -> str:
-    """`train.py --help`: the usage lines, then every TrainConfig field with its type, default
-    and the comment beside it in the source (the one place each field is explained)."""
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        found = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.+)$", line)
-        if found:
-            comments[found.group(1)] = found.group(2)
+    """`train.py --help`: the usage lines, then every flat key with its type, default and the
+    comment beside its field in the source (TrainConfig's, or GPTConfig's with MODEL_KEY_NOTES)."""
+    comments = {**_source_comments(TrainConfig), **_source_comments(GPTConfig)}
+    for key, note in MODEL_KEY_NOTES.items():
+        comments[key] = f"{comments[key]}; {note}" if key in comments else note
     usage = __doc__.split("\n\n")[1]
-    rows = [f"  --{f.name}={f.default!s}".ljust(34) + f" {_type_name(_field_types()[f.name])}."
-            + (f" {comments[f.name]}" if f.name in comments else "") for f in dataclasses.fields(TrainConfig)]
-    return ("usage:\n" + usage + "\n\nA config file (Python, executed: trust it like a script) sets fields by "
-            "assignment; --field=value overrides them.\nfields (default, type, meaning):\n" + "\n".join(rows))
+    rows = [f"  --{key}={value!s}".ljust(34) + f" {_type_name(config_keys()[key])}."
+            + (f" {comments[key]}" if key in comments else "") for key, value in _defaults().items()]
+    return ("usage:\n" + usage + "\n\nA config file (Python, executed: trust it like a script) sets keys by "
+            "assignment; --key=value overrides them.\nkeys (default, type, meaning):\n" + "\n".join(rows))
 
 
 def _convert(name: str, value, from_string: bool):
-    """Check (config file) or convert (command line) one value to its field's type."""
-    hint = _field_types()[name]
+    """Check (config file) or convert (command line) one value to its key's type."""
+    hint = config_keys()[name]
     optional = get_origin(hint) is not None and type(None) in get_args(hint)
     base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
     if from_string:
@@ -179,76 +217,75 @@ def _convert(name: str, value, from_string: bool):
     return value
 
 
-def load_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig from an optional config file (first argument) and --field=value overrides.
+def _config_file_values(path: Path) -> dict:
+    """The keys a config file assigns, checked against config_keys() and their types. The file is
+    executed: it must be trusted like a script. Raises ConfigError naming the file and the problem."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        code = compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as err:
+        where = f" at line {err.lineno}" if getattr(err, "lineno", None) else ""
+        raise ConfigError(f"config file {path} is not valid Python{where}: {getattr(err, 'msg', err)}") from None
+    scope: dict = {}
+    try:
+        exec(code, scope)
+    except Exception as err:  # noqa: BLE001 -- a config file is a script; whatever it raises is the user's
+        line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
+                     if f.filename == str(path)), None)
+        raise ConfigError(f"config file {path} raised {type(err).__name__}"
+                          f"{f' at line {line}' if line else ''}: {err}") from None
+    values = {}
+    for key, value in scope.items():
+        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        if key not in config_keys():
+            raise ConfigError(f"{path}: unknown config key {key!r}{_closest(key)}")
+        values[key] = _convert(key, value, from_string=False)
+    return values
 
-    A config file is Python whose top-level assignments set fields; it is executed, so it must
-    be trusted like a script. Unknown names, values of the wrong type and malformed arguments
-    raise ConfigError naming them.
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from an optional config file (first argument) and --key=value overrides.
+
+    Unknown keys, values of the wrong type and malformed arguments raise ConfigError naming them;
+    every value is then checked (TrainConfig.from_flat), all problems in one ConfigError.
     """
-    values: dict = {}
     args = list(argv)
-    if args and not args[0].startswith("--"):
-        path = Path(args.pop(0))
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        scope: dict = {}
-        try:
-            source = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            code = compile(source, str(path), "exec")
-        except (SyntaxError, ValueError) as err:
-            where = f" at line {err.lineno}" if getattr(err, "lineno", None) else ""
-            raise ConfigError(f"config file {path} is not valid Python{where}: {getattr(err, 'msg', err)}") from None
-        try:
-            exec(code, scope)
-        except Exception as err:  # noqa: BLE001 -- a config file is a script; whatever it raises is the user's
-            line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
-                         if f.filename == str(path)), None)
-            raise ConfigError(f"config file {path} raised {type(err).__name__}"
-                              f"{f' at line {line}' if line else ''}: {err}") from None
-        names = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-                 and type(v).__name__ != "module"}
-        for key, value in names.items():
-            if key not in _field_types():
-                raise ConfigError(f"{path}: unknown config key {key!r}{_closest(key)}")
-            values[key] = _convert(key, value, from_string=False)
+    values = _config_file_values(Path(args.pop(0))) if args and not args[0].startswith("--") else {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"expected --field=value, got {arg!r} (python train.py --help lists the fields)")
         key, value = arg[2:].split("=", 1)
-        if key not in _field_types():
+        if key not in config_keys():
             raise ConfigError(f"unknown config key {key!r}{_closest(key)}")
         values[key] = _convert(key, value, from_string=True)
-    return TrainConfig(**values)
+    return TrainConfig.from_flat(**values)
 
 
-def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lambda msg: None,
-             resume_tokens_per_step: int | None = None) -> TrainConfig:
-    """Check every value and derive grad_accum_steps, lr_decay_steps, tokens_per_step.
-
-    Without lr_decay_steps, warmup_steps above max_steps is clipped to it (a run shortened on the
-    command line), with a note through log. resume_tokens_per_step, the global batch of the checkpoint being resumed,
-    is kept when the number of processes changed: the accumulation is re-derived, with a note.
-    Collects all problems into one ConfigError. Returns the completed config.
-    """
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Every problem with cfg's own fields (GPTConfig checks `model` itself), each naming the key,
+    its value and the rule; [] when there is none."""
     problems = []
 
     def need(ok: bool, message: str):
         if not ok:
             problems.append(message)
 
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch_size",
-                 "max_steps", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",
+    for name in ("micro_batch_size", "max_steps", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",
                  "keep_last_ckpts"):
         need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("grad_accum_steps", "tokens_per_step"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
     need(cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
-    need(cfg.n_embd % cfg.n_head == 0, f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-    need(0.0 <= cfg.dropout < 1.0, f"dropout={cfg.dropout} must be in [0, 1)")
+    need(cfg.lr_decay_steps is None or cfg.lr_decay_steps >= cfg.warmup_steps,
+         f"lr_decay_steps={cfg.lr_decay_steps} must be >= warmup_steps={cfg.warmup_steps}")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate} must be > 0")
     need(0 <= cfg.min_lr <= cfg.learning_rate, f"min_lr={cfg.min_lr} must be in [0, learning_rate={cfg.learning_rate}]")
     need(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
@@ -257,20 +294,7 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision={cfg.mixed_precision!r} must be one of {MIXED_PRECISION}")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer={cfg.optimizer!r} must be one of {OPTIMIZERS}")
     if cfg.optimizer == "muon":
-        if cfg.muon_lr is None:
-            cfg.muon_lr = cfg.learning_rate
-        need(hasattr(torch.optim, "Muon"), f"optimizer=muon needs torch.optim.Muon, in torch >= {MUON_TORCH}; "
-                                           f"this torch is {torch.__version__}")
-        need(cfg.muon_lr > 0, f"muon_lr={cfg.muon_lr} must be > 0")
-        need(cfg.muon_adjust_lr in MUON_ADJUST_LR, f"muon_adjust_lr={cfg.muon_adjust_lr!r} must be one of {MUON_ADJUST_LR}")
-        need(0 <= cfg.muon_momentum < 1, f"muon_momentum={cfg.muon_momentum} must be in [0, 1)")
-        need(cfg.muon_weight_decay >= 0, f"muon_weight_decay={cfg.muon_weight_decay} must be >= 0")
-        # Accelerate's GradScaler steps and updates once per optimizer: with two, the second one's
-        # gradients would be unscaled twice.
-        need(cfg.mixed_precision != "fp16", "optimizer=muon does not run with mixed_precision='fp16' (Accelerate's "
-                                            "loss scaler handles one optimizer per step); use bf16 or no")
-    need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r} must be one of {ATTENTION_IMPLS}")
-    need(cfg.loss_impl in LOSS_IMPLS, f"loss_impl={cfg.loss_impl!r} must be one of {LOSS_IMPLS}")
+        problems += _muon_problems(cfg)
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
     need(cfg.hellaswag_limit >= 0, f"hellaswag_limit={cfg.hellaswag_limit} must be >= 0 (0: every example)")
     need(not cfg.hellaswag_data or Path(cfg.hellaswag_data).exists(),
@@ -278,62 +302,98 @@ def validate(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lam
     need(cfg.init_from in ("scratch", "resume") or Path(cfg.init_from).is_dir(),
          f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or an existing GPT-2 directory")
     need(not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(), f"out_dir={cfg.out_dir} is a file, not a directory")
+    return problems + _extras_problems(cfg)
 
-    per_micro = cfg.micro_batch_size * world_size * cfg.block_size  # tokens per micro-step, all processes
-    if resume_tokens_per_step is not None:
-        if cfg.tokens_per_step not in (None, resume_tokens_per_step):
-            problems.append(f"tokens_per_step={cfg.tokens_per_step} differs from the checkpoint's "
-                            f"{resume_tokens_per_step}; a resumed run keeps its global batch (start a new run to change it)")
-        elif per_micro * (cfg.grad_accum_steps or 1) != resume_tokens_per_step:
-            cfg.tokens_per_step, cfg.grad_accum_steps = resume_tokens_per_step, None
-    if cfg.tokens_per_step is not None:
-        if cfg.tokens_per_step % per_micro:
-            problems.append(
-                f"tokens_per_step={cfg.tokens_per_step} is not divisible by micro_batch_size x "
-                f"block_size x processes = {cfg.micro_batch_size} x {cfg.block_size} x {world_size} = {per_micro}"
-            )
-        else:
-            derived = cfg.tokens_per_step // per_micro
-            if cfg.grad_accum_steps not in (None, derived):
-                problems.append(
-                    f"grad_accum_steps={cfg.grad_accum_steps} contradicts tokens_per_step="
-                    f"{cfg.tokens_per_step}, which needs {derived} on {world_size} process(es)"
-                )
-            elif resume_tokens_per_step is not None and cfg.grad_accum_steps is None:
-                log(f"note: grad_accum_steps={derived} keeps the checkpoint's {resume_tokens_per_step:,} tokens "
-                    f"per step with {world_size} process(es) of micro_batch_size={cfg.micro_batch_size}")
-            cfg.grad_accum_steps = derived
-    if cfg.grad_accum_steps is None:
-        cfg.grad_accum_steps = 1
-    need(cfg.grad_accum_steps >= 1, f"grad_accum_steps={cfg.grad_accum_steps} must be >= 1")
-    cfg.tokens_per_step = per_micro * cfg.grad_accum_steps
 
-    if cfg.lr_decay_steps is None:  # the cosine ends with the run; a shortened run warms up at most all of it
-        if cfg.max_steps >= 1 and cfg.warmup_steps > cfg.max_steps:
-            log(f"note: warmup_steps={cfg.warmup_steps} is more than max_steps={cfg.max_steps}; warming up over "
-                f"all {cfg.max_steps} steps")
-            cfg.warmup_steps = cfg.max_steps
-        cfg.lr_decay_steps = cfg.max_steps
-    need(cfg.lr_decay_steps >= cfg.warmup_steps,
-         f"lr_decay_steps={cfg.lr_decay_steps} must be >= warmup_steps={cfg.warmup_steps}")
+def _muon_problems(cfg: TrainConfig) -> list[str]:
+    checks = [
+        (hasattr(torch.optim, "Muon"), f"optimizer=muon needs torch.optim.Muon, in torch >= {MUON_TORCH}; "
+                                       f"this torch is {torch.__version__}"),
+        (cfg.muon_lr is None or cfg.muon_lr > 0, f"muon_lr={cfg.muon_lr} must be > 0"),
+        (cfg.muon_adjust_lr in MUON_ADJUST_LR, f"muon_adjust_lr={cfg.muon_adjust_lr!r} must be one of {MUON_ADJUST_LR}"),
+        (0 <= cfg.muon_momentum < 1, f"muon_momentum={cfg.muon_momentum} must be in [0, 1)"),
+        (cfg.muon_weight_decay >= 0, f"muon_weight_decay={cfg.muon_weight_decay} must be >= 0"),
+        # Accelerate's GradScaler steps and updates once per optimizer: with two, the second one's
+        # gradients would be unscaled twice.
+        (cfg.mixed_precision != "fp16", "optimizer=muon does not run with mixed_precision='fp16' (Accelerate's "
+                                        "loss scaler handles one optimizer per step); use bf16 or no"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def _extras_problems(cfg: TrainConfig) -> list[str]:
+    """The optional packages that log_with and plot need."""
+    problems = []
     if cfg.log_with:
         from accelerate.tracking import get_available_trackers
         from accelerate.utils import LoggerType
 
         known = [t.value for t in LoggerType]
         installed = [t.value for t in get_available_trackers()]
-        need(cfg.log_with in known, f"log_with={cfg.log_with!r} must be one of {known}")
-        need(cfg.log_with not in known or cfg.log_with in installed + ["all"],
-             f"log_with={cfg.log_with!r} is not installed here (installed trackers: {installed or 'none'}); "
-             f"pip install {cfg.log_with}")
+        if cfg.log_with not in known:
+            problems.append(f"log_with={cfg.log_with!r} must be one of {known}")
+        elif cfg.log_with not in installed + ["all"]:
+            problems.append(f"log_with={cfg.log_with!r} is not installed here (installed trackers: "
+                            f"{installed or 'none'}); pip install {cfg.log_with}")
     if cfg.plot:
         import importlib.util
 
-        need(importlib.util.find_spec("matplotlib") is not None,
-             "plot=true needs matplotlib: pip install -e '.[plot]'")
-    if problems:
-        raise ConfigError("invalid config: " + "; ".join(problems))
-    return cfg
+        if importlib.util.find_spec("matplotlib") is None:
+            problems.append("plot=true needs matplotlib: pip install -e '.[plot]'")
+    return problems
+
+
+def with_derived(cfg: TrainConfig, world_size: int, log: Callable[[str], None] = lambda msg: None,
+                 resume_tokens_per_step: int | None = None) -> TrainConfig:
+    """A new TrainConfig with what cfg leaves open filled in: the batch plan (grad_accum_steps,
+    tokens_per_step) for world_size processes, the schedule's end (lr_decay_steps, and warmup_steps
+    clipped to max_steps when the cosine ends with the run, with a note through log) and muon_lr.
+
+    resume_tokens_per_step, the global batch of the checkpoint being resumed, is kept when the
+    number of processes changed: the accumulation is re-derived, with a note. Raises ConfigError
+    when the batch plan cannot be met.
+    """
+    grad_accum_steps, tokens_per_step = batch_plan(cfg, world_size, log, resume_tokens_per_step)
+    warmup_steps, lr_decay_steps = cfg.warmup_steps, cfg.lr_decay_steps
+    if lr_decay_steps is None:  # the cosine ends with the run; a shortened run warms up at most all of it
+        if warmup_steps > cfg.max_steps:
+            log(f"note: warmup_steps={warmup_steps} is more than max_steps={cfg.max_steps}; warming up over "
+                f"all {cfg.max_steps} steps")
+            warmup_steps = cfg.max_steps
+        lr_decay_steps = cfg.max_steps
+    muon_lr = cfg.learning_rate if cfg.optimizer == "muon" and cfg.muon_lr is None else cfg.muon_lr
+    return dataclasses.replace(cfg, grad_accum_steps=grad_accum_steps, tokens_per_step=tokens_per_step,
+                               warmup_steps=warmup_steps, lr_decay_steps=lr_decay_steps, muon_lr=muon_lr)
+
+
+def batch_plan(cfg: TrainConfig, world_size: int, log: Callable[[str], None],
+               resume_tokens_per_step: int | None) -> tuple[int, int]:
+    """(grad_accum_steps, tokens_per_step) for world_size processes: from tokens_per_step when it is
+    set (or kept from the checkpoint being resumed), else grad_accum_steps (default 1). Raises
+    ConfigError when tokens_per_step is not a whole number of micro-steps or contradicts the others."""
+    per_micro = cfg.micro_batch_size * world_size * cfg.model.block_size  # tokens per micro-step, all processes
+    tokens, accum = cfg.tokens_per_step, cfg.grad_accum_steps
+    if resume_tokens_per_step is not None:
+        if tokens not in (None, resume_tokens_per_step):
+            raise ConfigError(f"invalid config: tokens_per_step={tokens} differs from the checkpoint's "
+                              f"{resume_tokens_per_step}; a resumed run keeps its global batch (start a new run to "
+                              f"change it)")
+        if per_micro * (accum or 1) != resume_tokens_per_step:
+            tokens, accum = resume_tokens_per_step, None
+    if tokens is None:
+        return accum or 1, per_micro * (accum or 1)
+    if tokens % per_micro:
+        raise ConfigError(f"invalid config: tokens_per_step={tokens} is not divisible by micro_batch_size x "
+                          f"block_size x processes = {cfg.micro_batch_size} x {cfg.model.block_size} x {world_size} "
+                          f"= {per_micro}")
+    derived = tokens // per_micro
+    if accum not in (None, derived):
+        raise ConfigError(f"invalid config: grad_accum_steps={accum} contradicts tokens_per_step={tokens}, which "
+                          f"needs {derived} on {world_size} process(es)")
+    if resume_tokens_per_step is not None and accum is None:
+        log(f"note: grad_accum_steps={derived} keeps the checkpoint's {resume_tokens_per_step:,} tokens per step "
+            f"with {world_size} process(es) of micro_batch_size={cfg.micro_batch_size}")
+    return derived, tokens
 
 
 # ------------------------------------------------------------------ optimisation
@@ -438,7 +498,7 @@ class TrainState:
 
 @dataclass
 class Resume:
-    """The checkpoint a resumed run starts from, checked and loaded (see select_resume)."""
+    """The checkpoint a resumed run starts from, checked and loaded (see RunDir.load)."""
 
     ckpt: Path
     state: TrainState
@@ -449,73 +509,9 @@ class Resume:
 # ------------------------------------------------------------------- checkpoints
 
 
-def _all_ranks(accelerator: Accelerator, ok: bool) -> bool:
-    """True when `ok` holds on every process (one all-reduce), so all of them take the same branch."""
-    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == 0
-
-
 def weights_are_finite(model: torch.nn.Module) -> bool:
     """Whether every local parameter (a shard under FSDP) is finite."""
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _agree_or_raise(accelerator: Accelerator, error: Exception | None, cfg: TrainConfig, final: Path) -> None:
-    """A collective check after each phase of a save: if any process failed, the main process
-    removes the temporary directory and every process raises (the disk-full error as such)."""
-    if _all_ranks(accelerator, error is None):
-        return
-    if accelerator.is_main_process:
-        checkpoints.remove_leftovers(cfg.out_dir)
-    if error is not None and atomic.is_disk_full(error, final.parent):
-        raise atomic.DiskFullError(f"disk full while writing the checkpoint {final} ({type(error).__name__}: {error}); "
-                                   f"the partial checkpoint was removed and older ones are intact: free some space "
-                                   f"and continue with --init_from=resume") from error
-    if error is not None:
-        raise error
-    raise CheckpointError(f"another process failed to write its part of {final}; see its error")
-
-
-def save_checkpoint(accelerator: Accelerator, model, raw_model: GPT, cfg: TrainConfig, state: TrainState) -> Path:
-    """Write out_dir/ckpt/step_XXXXXXX (layout in checkpoints.py) and prune the old ones.
-
-    Weights go to model.safetensors in GPT-2's HF format, from the unwrapped model (full weights
-    gathered under FSDP); Accelerate writes state/. Everything is built in a temporary directory
-    that checkpoints.finish publishes once every process has written its part. A failure on any
-    process (a full disk, say) removes the temporary directory and raises on every process; no
-    older checkpoint is touched.
-    """
-    final = checkpoints.step_dir(cfg.out_dir, state.step)
-    tmp = checkpoints.tmp_dir(cfg.out_dir, state.step)
-    error = None
-    if accelerator.is_main_process:
-        try:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            checkpoints.remove_leftovers(cfg.out_dir)
-            tmp.mkdir()
-        except OSError as err:
-            error = err
-    _agree_or_raise(accelerator, error, cfg, final)
-    try:
-        accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
-        full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
-        if accelerator.is_main_process:
-            raw_model.save_pretrained(tmp, state_dict=full_weights,
-                                      training={**state.state_dict(), "train_config": dataclasses.asdict(cfg)})
-            (tmp / checkpoints.TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    except Exception as err:  # noqa: BLE001 -- raised by _agree_or_raise once every process knows
-        error = err
-    _agree_or_raise(accelerator, error, cfg, final)
-    if accelerator.is_main_process:
-        try:
-            checkpoints.finish(tmp, final, state.state_dict())
-        except Exception as err:  # noqa: BLE001 -- as above
-            error = err
-    _agree_or_raise(accelerator, error, cfg, final)
-    if accelerator.is_main_process:
-        checkpoints.prune(cfg.out_dir, final, cfg.keep_last_ckpts)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def gathered_weights(accelerator: Accelerator, model) -> dict | None:
@@ -543,37 +539,7 @@ def _skip_model_weights_in_state(accelerator: Accelerator) -> None:
 
 def runtime_overrides(cfg: TrainConfig) -> dict:
     """Model settings that are not part of the weights, taken from the run's config."""
-    return dict(dropout=cfg.dropout, gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention,
-                loss_impl=cfg.loss_impl)
-
-
-def select_resume(cfg: TrainConfig, log) -> Resume:
-    """The newest checkpoint of cfg.out_dir that verifies and loads, falling back past damaged ones
-    with a warning naming each (checkpoints.load_latest). Every process reads the same files and
-    must pick the same one. Raises CheckpointError when none loads."""
-    if not checkpoints.list_checkpoints(cfg.out_dir):
-        raise CheckpointError(f"init_from=resume but {checkpoints.ckpt_root(cfg.out_dir)} holds no checkpoint")
-
-    def load(ckpt: Path) -> tuple[dict, TrainState, GPT]:
-        try:
-            train_config = json.loads((ckpt / checkpoints.TRAIN_CONFIG_FILE).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not readable JSON ({err})") from None
-        if not isinstance(train_config, dict) or not isinstance(train_config.get("tokens_per_step"), (int, type(None))):
-            raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
-        state = TrainState()
-        state.load_state_dict(checkpoints.read_meta(ckpt))
-        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
-        try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"))
-        return train_config, state, model
-
-    ckpt, _, (train_config, state, model) = checkpoints.load_latest(cfg.out_dir, load, need_state=True, warn=log)
-    chosen = [ckpt.name]
-    broadcast_object_list(chosen)  # from the main process; a no-op with one process
-    if chosen[0] != ckpt.name:
-        raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
-                              f"is {cfg.out_dir} on a file system every machine shares?")
-    return Resume(ckpt, state, train_config, model)
+    return {k: getattr(cfg.model, k) for k in ("dropout", "gradient_checkpointing", "attention", "loss_impl")}
 
 
 def try_load_training_state(state_dir: Path, model: GPT, optimizer: str) -> None:
@@ -590,9 +556,8 @@ def try_load_training_state(state_dir: Path, model: GPT, optimizer: str) -> None
     path = state_dir / "optimizer.bin"
     try:
         # The optimizers' structure is what counts: the defaults stand in for the rates and betas.
-        shape_only = TrainConfig(optimizer=optimizer if optimizer in OPTIMIZERS else "adamw")
-        if shape_only.optimizer == "muon":
-            shape_only = dataclasses.replace(shape_only, muon_lr=shape_only.learning_rate)
+        shape_only = TrainConfig(optimizer=optimizer if optimizer in OPTIMIZERS else "adamw",
+                                 muon_lr=TrainConfig.learning_rate)
         for i, opt in enumerate(make_optimizers(model, shape_only, torch.device("cpu"))):
             path = state_dir / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin")  # Accelerate's names
             opt.load_state_dict(load_state_file(path, map_location="cpu"))
@@ -611,52 +576,215 @@ def try_load_training_state(state_dir: Path, model: GPT, optimizer: str) -> None
         raise CheckpointError(f"cannot load {path} ({type(err).__name__}: {first_line[:200]})") from None
 
 
-# ------------------------------------------------------------------------- setup
+# ------------------------------------------------------------------- the run directory
+
+RUN_CONFIG_FILE = checkpoints.TRAIN_CONFIG_FILE  # the run's effective TrainConfig, named as inside each checkpoint
+LEGACY_RUN_CONFIG_FILE = checkpoints.HF_CONFIG_FILE  # its name in run directories of earlier versions
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+RUN_FILES = (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE, LOG_FILE, PLOT_FILE)  # besides ckpt/: what a run writes
 
 
-def build_model(cfg: TrainConfig, resume: Resume | None, log) -> GPT:
-    """The model for cfg.init_from: new, the resumed checkpoint's, or a GPT-2 directory's."""
-    if resume is not None:
-        model = resume.model
-        mismatched = [f"{k}={getattr(cfg, k)} (checkpoint: {getattr(model.config, k)})"
-                      for k in MODEL_FIELDS if getattr(cfg, k) != getattr(model.config, k)]
-        if mismatched:
-            raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
-        return model
-    if cfg.init_from == "scratch":
-        return GPT(GPTConfig(**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **runtime_overrides(cfg)))
-    log(f"fine-tuning from {cfg.init_from}")
-    model = checkpoints.load_model(Path(cfg.init_from), **runtime_overrides(cfg))
-    # The shape comes from the weights; block_size, the training window, may be shorter than the
-    # model's context (e.g. 512-token windows for a 1024-token GPT-2, to save memory).
-    if cfg.block_size > model.config.block_size:
-        raise ConfigError(f"block_size={cfg.block_size} exceeds the context of {cfg.init_from} "
-                          f"({model.config.block_size} tokens)")
-    for k in MODEL_FIELDS:
-        if k != "block_size":
-            setattr(cfg, k, getattr(model.config, k))
-    return model
+def _all_ranks(accelerator: Accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every process (one all-reduce), so all of them take the same branch."""
+    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+class RunDir:
+    """The one owner of a run's out_dir: its lock, claiming it for a new run (with or without
+    overwrite), picking and loading the checkpoint to resume (`load`), saving and pruning
+    checkpoints (`save`), train_config.json and log.jsonl. Paths and the checkpoint layout come
+    from checkpoints.py; the loop never builds a path itself.
+
+    Every process holds one; only the main process writes (`save` is collective: call it on all).
+
+        out_dir/
+            train_config.json    the effective TrainConfig, flat keys (config.json in earlier versions)
+            log.jsonl            one JSON record per log line and eval
+            loss.png             with plot=true
+            ckpt/step_XXXXXXX/   checkpoints (layout in checkpoints.py)
+    """
+
+    def __init__(self, path: str | Path, is_main: bool, log: Callable[[str], None] = print):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.log = log if is_main else (lambda msg: None)
+        self._replaced: list[Path] = []  # an earlier run's outputs, removed by `start`
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILE
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold out_dir's lock (atomic.lock_dir) on the main process, so one run at a time writes
+        there; the others wait for it before anything in out_dir is read."""
+        lock = atomic.lock_dir(self.path, ConfigError, "out_dir") if self.is_main else None
+        try:
+            yield self
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # ---- claiming
+
+    def claim(self, overwrite: bool) -> None:
+        """For a new run: check that out_dir holds no earlier run's outputs, or (with overwrite)
+        note them for `start` to remove. Raises ConfigError naming them when overwrite is off, and
+        for files of a run's names this project did not write: nothing is deleted or overwritten."""
+        foreign = [p.name for p in (self.path / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
+        if checkpoints.is_weights_dir(self.path) or foreign:
+            what = "model weights" if checkpoints.is_weights_dir(self.path) else "files"
+            raise ConfigError(f"out_dir={self.path} holds {what} this project did not write as a run's outputs "
+                              f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
+                              f"choose another out_dir (nothing was changed)")
+        found = self.outputs()
+        if found and not overwrite:
+            names = ", ".join(str(p.relative_to(self.path)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+            raise ConfigError(
+                f"{self.path} already holds checkpoints or logs of a run ({names}); continue it with "
+                f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to replace them "
+                f"(only this project's outputs are removed)"
+            )
+        self._replaced = found
+
+    def outputs(self) -> list[Path]:
+        """What an earlier run left here: its files (RUN_FILES and their temporaries, when their
+        content is a run's: is_run_output), checkpoints and checkpoint leftovers. Nothing else counts."""
+        named = [p for name in RUN_FILES for p in (self.path / name, atomic.tmp_name(self.path / name)) if p.is_file()]
+        found = [p for p in named if is_run_output(p)]
+        return found + checkpoints.list_checkpoints(self.path) + checkpoints.leftovers(self.path)
+
+    def start(self, cfg: TrainConfig, resume_step: int | None) -> None:
+        """Once everything is loaded and checked: remove what `claim` noted, or (resuming from
+        resume_step) checkpoint leftovers and log records past that step; then write train_config.json
+        (dropping a run config under its earlier name). Main process only."""
+        if not self.is_main:
+            return
+        for path in self._replaced:
+            atomic.remove_dir(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if resume_step is not None:
+            checkpoints.remove_leftovers(self.path)
+            truncate_log(self.log_path, resume_step, self.log)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.path / RUN_CONFIG_FILE, cfg.to_flat())
+        legacy = self.path / LEGACY_RUN_CONFIG_FILE
+        if legacy.is_file() and is_run_output(legacy):
+            legacy.unlink()
+
+    # ---- logging
+
+    def append_log(self, record: dict) -> None:
+        """Append one record to log.jsonl; a full disk becomes a DiskFullError (a torn line is
+        dropped on resume). Main process only."""
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if atomic.is_disk_full(err, self.path):
+                raise atomic.DiskFullError(f"disk full while appending to {self.log_path} ({err}); free some space "
+                                           f"and continue with --init_from=resume") from err
+            raise
+
+    # ---- checkpoints
+
+    def load(self, cfg: TrainConfig) -> Resume:
+        """The newest checkpoint that verifies and loads (weights built with cfg's runtime settings,
+        every state file trial-loaded), falling back past damaged ones with a warning naming each
+        (checkpoints.load_latest). Every process reads the same files and must pick the same one.
+        Raises CheckpointError when none loads."""
+        if not checkpoints.list_checkpoints(self.path):
+            raise CheckpointError(f"init_from=resume but {checkpoints.ckpt_root(self.path)} holds no checkpoint")
+        ckpt, _, resume = checkpoints.load_latest(self.path, lambda c: _load_resume(c, cfg), need_state=True,
+                                                  warn=self.log)
+        chosen = [ckpt.name]
+        broadcast_object_list(chosen)  # from the main process; a no-op with one process
+        if chosen[0] != ckpt.name:
+            raise CheckpointError(f"processes disagree on the checkpoint to resume from ({chosen[0]} vs {ckpt.name}); "
+                                  f"is {self.path} on a file system every machine shares?")
+        return resume
+
+    def save(self, accelerator: Accelerator, model, raw_model: GPT, cfg: TrainConfig, state: TrainState) -> Path:
+        """Write ckpt/step_XXXXXXX of state.step (layout in checkpoints.py) and prune the old ones.
+
+        Weights go to model.safetensors in GPT-2's HF format, from the unwrapped model (full
+        weights gathered under FSDP); Accelerate writes state/. Everything is built in a temporary
+        directory that checkpoints.finish publishes once every process has written its part. A
+        failure on any process (a full disk, say) removes the temporary directory and raises on
+        every process; no older checkpoint is touched.
+        """
+        final, tmp = checkpoints.step_dir(self.path, state.step), checkpoints.tmp_dir(self.path, state.step)
+
+        def write_parts():
+            accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
+            full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
+            if accelerator.is_main_process:
+                raw_model.save_pretrained(tmp, state_dict=full_weights,
+                                          training={**state.state_dict(), "train_config": cfg.to_flat()})
+                atomic.write_json(tmp / checkpoints.TRAIN_CONFIG_FILE, cfg.to_flat())
+
+        self._on_every_process(accelerator, final, self._make_tmp, tmp, main_only=True)
+        self._on_every_process(accelerator, final, write_parts)
+        self._on_every_process(accelerator, final, checkpoints.finish, tmp, final, state.state_dict(), main_only=True)
+        if accelerator.is_main_process:
+            checkpoints.prune(self.path, final, cfg.keep_last_ckpts)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _make_tmp(self, tmp: Path) -> None:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_leftovers(self.path)
+        tmp.mkdir()
+
+    def _on_every_process(self, accelerator: Accelerator, final: Path, phase, *args, main_only: bool = False) -> None:
+        """Run one phase of a save (on the main process only, with main_only), then agree: if it
+        failed on any process, the main process removes the temporary directory and every process
+        raises (a full disk as DiskFullError)."""
+        error = None
+        if accelerator.is_main_process or not main_only:
+            try:
+                phase(*args)
+            except Exception as err:  # noqa: BLE001 -- raised below once every process knows
+                error = err
+        if _all_ranks(accelerator, error is None):
+            return
+        if accelerator.is_main_process:
+            checkpoints.remove_leftovers(self.path)
+        if error is not None and atomic.is_disk_full(error, final.parent):
+            raise atomic.DiskFullError(f"disk full while writing the checkpoint {final} ({type(error).__name__}: "
+                                       f"{error}); the partial checkpoint was removed and older ones are intact: free "
+                                       f"some space and continue with --init_from=resume") from error
+        if error is not None:
+            raise error
+        raise CheckpointError(f"another process failed to write its part of {final}; see its error")
+
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies (its weights were checked finite when it was saved)."""
+        good = [ckpt for ckpt in checkpoints.list_checkpoints(self.path) if _verifies(ckpt)]
+        return good[-1] if good else None
 
 
 def is_run_output(path: Path) -> bool:
     """Whether the file `path` (named as one of RUN_FILES, or its temporary) is what a run writes
-    there, told by its content, not its name: a JSON object whose keys are all TrainConfig
-    fields (config.json), JSON lines with an integer step (log.jsonl), a PNG (loss.png)."""
+    there, told by its content, not its name: a JSON object whose keys are all config keys
+    (train_config.json, or config.json from earlier versions), JSON lines with an integer step
+    (log.jsonl), a PNG (loss.png)."""
     name = path.name.removesuffix(atomic.TMP_SUFFIX)
     try:
-        if name == "loss.png":
+        if name == PLOT_FILE:
             with open(path, "rb") as f:
                 return f.read(8) == b"\x89PNG\r\n\x1a\n"
         with open(path, "rb") as f:
             text = f.read(1 << 16).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    if name == "config.json":
+    if name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
         try:
             saved = json.loads(text)
         except json.JSONDecodeError:
             return False
-        return isinstance(saved, dict) and set(saved) <= set(_field_types())
+        return isinstance(saved, dict) and set(saved) <= set(config_keys())
     first = text.split("\n", 1)[0].strip()  # log.jsonl
     try:
         return not first or isinstance(json.loads(first).get("step"), int)
@@ -664,45 +792,57 @@ def is_run_output(path: Path) -> bool:
         return False
 
 
-def run_outputs(out_dir: Path) -> list[Path]:
-    """What an earlier run left in out_dir that a new one would replace: its files (RUN_FILES and
-    their temporaries, when their content is a run's: is_run_output), checkpoints and checkpoint
-    leftovers. Nothing else counts."""
-    named = [p for name in RUN_FILES for p in (out_dir / name, atomic.tmp_name(out_dir / name)) if p.is_file()]
-    found = [p for p in named if is_run_output(p)]
-    return found + checkpoints.list_checkpoints(out_dir) + checkpoints.leftovers(out_dir)
+def _verifies(ckpt: Path) -> bool:
+    try:
+        checkpoints.verify(ckpt, need_state=True)
+    except CheckpointError:
+        return False
+    return True
 
 
-def check_out_dir(cfg: TrainConfig) -> list[Path]:
-    """For a new run: the earlier outputs to remove (only with overwrite). Raises ConfigError
-    naming them when there are any and overwrite is off: nothing is deleted or overwritten."""
-    if cfg.init_from == "resume":
-        return []
-    out_dir = Path(cfg.out_dir)
-    foreign = [p.name for p in (out_dir / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
-    if checkpoints.is_weights_dir(out_dir) or foreign:
-        what = "model weights" if checkpoints.is_weights_dir(out_dir) else "files"
-        raise ConfigError(f"out_dir={out_dir} holds {what} this project did not write as a run's outputs "
-                          f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
-                          f"choose another out_dir (nothing was changed)")
-    found = run_outputs(out_dir)
-    if found and not cfg.overwrite:
-        names = ", ".join(str(p.relative_to(cfg.out_dir)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
-        raise ConfigError(
-            f"{cfg.out_dir} already holds checkpoints or logs of a run ({names}); continue it with "
-            f"--init_from=resume, pick another --out_dir, or pass --overwrite=true to replace them "
-            f"(only this project's outputs are removed)"
-        )
-    return found
+def _load_resume(ckpt: Path, cfg: TrainConfig) -> Resume:
+    """Load one checkpoint to resume from. Its train_config.json may be of an earlier version
+    (flat keys, as now): only `tokens_per_step` and `optimizer` are read from it. Raises
+    CheckpointError for whatever does not load."""
+    try:
+        train_config = json.loads((ckpt / checkpoints.TRAIN_CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not readable JSON ({err})") from None
+    if not isinstance(train_config, dict) or not isinstance(train_config.get("tokens_per_step"), (int, type(None))):
+        raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
+    state = TrainState()
+    state.load_state_dict(checkpoints.read_meta(ckpt))
+    model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+    try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"))
+    return Resume(ckpt, state, train_config, model)
 
 
-def clear_outputs(found: list[Path]) -> None:
-    """Remove an earlier run's outputs (check_out_dir's list): checkpoints through atomic.remove_dir."""
-    for path in found:
-        if path.is_dir():
-            atomic.remove_dir(path)
-        else:
-            path.unlink(missing_ok=True)
+# ------------------------------------------------------------------------- setup
+
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")  # what the weights fix
+
+
+def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, TrainConfig]:
+    """The model for cfg.init_from (new, the resumed checkpoint's, or a GPT-2 directory's) and the
+    config it trains under: a fine-tune's shape comes from the weights, as a new TrainConfig."""
+    if resume is not None:
+        model = resume.model
+        mismatched = [f"{k}={getattr(cfg.model, k)} (checkpoint: {getattr(model.config, k)})"
+                      for k in SHAPE_KEYS if getattr(cfg.model, k) != getattr(model.config, k)]
+        if mismatched:
+            raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
+        return model, cfg
+    if cfg.init_from == "scratch":
+        return GPT(cfg.model), cfg
+    log(f"fine-tuning from {cfg.init_from}")
+    model = checkpoints.load_model(Path(cfg.init_from), **runtime_overrides(cfg))
+    # The shape comes from the weights; block_size, the training window, may be shorter than the
+    # model's context (e.g. 512-token windows for a 1024-token GPT-2, to save memory).
+    if cfg.model.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={cfg.model.block_size} exceeds the context of {cfg.init_from} "
+                          f"({model.config.block_size} tokens)")
+    return model, dataclasses.replace(cfg, model=dataclasses.replace(model.config, block_size=cfg.model.block_size))
 
 
 def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
@@ -762,7 +902,7 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: int) -> float:
+def val_loss(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: int) -> float:
     """Mean loss per token over the same eval_steps micro-batches every time (evaluation.py's
     window_losses, as eval.py --task val computes it), over every process's windows."""
     model.eval()
@@ -855,19 +995,11 @@ def train_step(model, optimizers: list, accelerator: Accelerator, loader: ShardL
     return StepStats(loss=loss, grad_norm=grad_norm, lr=lr, stop_requested=stopped > 0, applied=applied)
 
 
-def _verifies(ckpt: Path) -> bool:
-    try:
-        checkpoints.verify(ckpt, need_state=True)
-    except CheckpointError:
-        return False
-    return True
-
-
-def diverged(cfg: TrainConfig, step: int, what: str) -> DivergenceError:
-    """The error for a non-finite step: names it and the newest checkpoint, whose weights were
-    checked finite when it was saved (or says there is none)."""
-    last = [ckpt for ckpt in checkpoints.list_checkpoints(cfg.out_dir) if _verifies(ckpt)]
-    where = (f"The last good checkpoint is {last[-1]} (its weights are all finite): lower learning_rate and "
+def divergence_error(run_dir: RunDir, step: int, what: str) -> DivergenceError:
+    """The error (returned, for the caller to raise) for a non-finite step: names it and the newest
+    checkpoint that verifies, whose weights were checked finite when it was saved (or says there is none)."""
+    last = run_dir.last_good_checkpoint()
+    where = (f"The last good checkpoint is {last} (its weights are all finite): lower learning_rate and "
              f"continue with --init_from=resume" if last else "No checkpoint that verifies was saved yet.")
     return DivergenceError(f"{what} at step {step}; stopping without saving. {where}")
 
@@ -898,18 +1030,6 @@ def truncate_log(path: Path, step: int, warn: Callable[[str], None]) -> None:
     if path.is_file():
         kept = [r for r in read_log(path, warn) if r["step"] <= step]
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def append_log(path: Path, record: dict) -> None:
-    """Append one record; a full disk becomes a DiskFullError (a torn line is dropped on resume)."""
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as err:
-        if atomic.is_disk_full(err, path.parent):
-            raise atomic.DiskFullError(f"disk full while appending to {path} ({err}); free some space and "
-                                       f"continue with --init_from=resume") from err
-        raise
 
 
 def plot_losses(log_path: Path, png_path: Path) -> None:
@@ -951,6 +1071,7 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Accelerator
+    run_dir: RunDir
     raw_model: GPT  # unwrapped and uncompiled: what checkpoints are saved from
     model: torch.nn.Module | None  # as prepared by Accelerate (DDP/FSDP, compiled); None once released
     optimizers: list[torch.optim.Optimizer]  # make_optimizers' list, prepared: AdamW, then Muon with optimizer=muon
@@ -960,14 +1081,10 @@ class Run:
     flops_per_step: float  # counted before prepare(): FSDP shards the parameters
     log: Callable[[str], None]  # console, main process only
 
-    @property
-    def log_path(self) -> Path:
-        return Path(self.cfg.out_dir) / "log.jsonl"
-
     def record(self, values: dict, console: str) -> None:
         """One record to log.jsonl, the console and the trackers."""
         if self.accelerator.is_main_process:
-            append_log(self.log_path, {"step": self.state.step, **values})
+            self.run_dir.append_log({"step": self.state.step, **values})
             self.log(console)
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=self.state.step)
 
@@ -976,74 +1093,84 @@ class Interrupted(KeyboardInterrupt):
     """A stop signal arrived before training started: nothing in out_dir was changed."""
 
 
-def setup_run(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> Run:
-    """Model, data, out_dir, optimizer, Accelerate and the starting TrainState, each checked
-    before anything is written; an earlier run's outputs are removed only after that. Raises
-    Interrupted, before writing anything, when a stop signal arrived during the setup."""
-    is_main = accelerator.is_main_process
-    log = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
-    out_dir = Path(cfg.out_dir)
-    old_outputs = check_out_dir(cfg)
-    accelerator.wait_for_everyone()  # every process has looked before the main process writes there
-
-    raw_model = build_model(cfg, resume, log)
+def load_data(cfg: TrainConfig, accelerator: Accelerator, vocab_size: int) -> tuple[ShardLoader, ShardLoader]:
+    """The train and val loaders of this process, after checking that every token id is below
+    vocab_size and that the val split holds eval_steps micro-batches. Raises ConfigError or ShardError."""
     rank, world = accelerator.process_index, accelerator.num_processes
     train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
-    check_vocab(cfg.data_dir, train_paths + val_paths, raw_model.config.vocab_size)
-    if raw_model.config.vocab_size >= VOCAB_SIZE:
+    check_vocab(cfg.data_dir, train_paths + val_paths, vocab_size)
+    if vocab_size >= VOCAB_SIZE:
         gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_extras.py): fail now, not at the first save
-    train_loader = ShardLoader(train_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=True)
-    val_loader = ShardLoader(val_paths, cfg.block_size, cfg.micro_batch_size, rank, world, seed=cfg.seed, shuffle=False)
+    window, batch = cfg.model.block_size, cfg.micro_batch_size
+    train_loader = ShardLoader(train_paths, window, batch, rank, world, seed=cfg.seed, shuffle=True)
+    val_loader = ShardLoader(val_paths, window, batch, rank, world, seed=cfg.seed, shuffle=False)
     if val_loader.steps_per_epoch < cfg.eval_steps:
         raise ConfigError(
             f"eval_steps={cfg.eval_steps} needs {cfg.eval_steps * val_loader.windows_per_micro_step} val "
             f"windows but {cfg.data_dir} has {val_loader.num_windows}; lower eval_steps"
         )
-    state = TrainState(train_loader=train_loader.state_dict(), num_processes=world)
-    if resume is not None:
-        state = dataclasses.replace(resume.state, num_processes=world)
-        train_loader.load_state_dict(state.train_loader)
-    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
-                if cfg.hellaswag_data else None)
-    if examples is not None:
-        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
+    return train_loader, val_loader
 
-    n_params, flops_per_step = raw_model.num_params(), raw_model.flops_per_token(cfg.block_size) * cfg.tokens_per_step
+
+def prepare_training(cfg: TrainConfig, accelerator: Accelerator, raw_model: GPT, resume: Resume | None):
+    """The optimizers, and the model and optimizers as Accelerate prepares them (DDP/FSDP,
+    compiled with compile=true), with the resumed checkpoint's optimizer, RNG and scaler state."""
     optimizers = make_optimizers(raw_model, cfg, accelerator.device)
-    model, *optimizers = accelerator.prepare(raw_model, *optimizers)  # compiles too, with compile=true
+    model, *optimizers = accelerator.prepare(raw_model, *optimizers)
     _skip_model_weights_in_state(accelerator)
     if resume is not None:
-        try:  # select_resume loaded these files once already; this is not expected to fail
+        try:  # RunDir.load loaded these files once already; this is not expected to fail
             accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
         except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
             first_line = (str(err).strip().splitlines() or [""])[0]
             raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
                                   f"({type(err).__name__}: {first_line})") from err
+    return model, optimizers
+
+
+def setup_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resume: Resume | None,
+              stop: StopSignal) -> Run:
+    """Model, data, out_dir, optimizer, Accelerate and the starting TrainState, each checked
+    before anything is written; an earlier run's outputs are removed only after that. Raises
+    Interrupted, before writing anything, when a stop signal arrived during the setup."""
+    log = (lambda msg: tqdm.write(msg)) if accelerator.is_main_process else (lambda msg: None)
+    if resume is None:
+        run_dir.claim(cfg.overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main process writes there
+
+    raw_model, cfg = build_model(cfg, resume, log)
+    train_loader, val_loader = load_data(cfg, accelerator, raw_model.config.vocab_size)
+    state = TrainState(train_loader=train_loader.state_dict(), num_processes=accelerator.num_processes)
+    if resume is not None:
+        state = dataclasses.replace(resume.state, num_processes=accelerator.num_processes)
+        train_loader.load_state_dict(state.train_loader)
+    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+                if cfg.hellaswag_data else None)
+    if examples is not None:
+        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
+    n_params = raw_model.num_params()
+    flops_per_step = raw_model.flops_per_token(cfg.model.block_size) * cfg.tokens_per_step
+    model, optimizers = prepare_training(cfg, accelerator, raw_model, resume)
 
     if not _all_ranks(accelerator, stop.received is None):
         raise Interrupted(f"stopped by {stop.received or 'a signal on another process'} before training started; "
-                          f"nothing in {out_dir} was changed")
-    if is_main:  # only now, with everything loaded and checked, may an earlier run's outputs go
-        clear_outputs(old_outputs)
-        if resume is not None:
-            checkpoints.remove_leftovers(out_dir)
-            truncate_log(out_dir / "log.jsonl", state.step, log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(out_dir / "config.json", dataclasses.asdict(cfg))
+                          f"nothing in {run_dir.path} was changed")
+    run_dir.start(cfg, resume.state.step if resume is not None else None)  # only now may anything be removed
     accelerator.wait_for_everyone()
     if resume is not None:
         log(f"resumed from {resume.ckpt} at step {state.step}")
     if cfg.log_with:
-        accelerator.init_trackers(out_dir.name, config=dataclasses.asdict(cfg))
+        accelerator.init_trackers(run_dir.path.name, config=cfg.to_flat())
     log(f"{n_params / 1e6:.2f}M parameters | {describe_processes(accelerator)} | "
-        f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.block_size} tok x "
-        f"{cfg.grad_accum_steps} accum x {world} proc | mixed_precision={cfg.mixed_precision}")
-    evaluators = [lambda: {"val_loss": evaluate(model, val_loader, accelerator, cfg.eval_steps)}]
+        f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.model.block_size} tok x "
+        f"{cfg.grad_accum_steps} accum x {accelerator.num_processes} proc | mixed_precision={cfg.mixed_precision}")
+    evaluators = [lambda: {"val_loss": val_loss(model, val_loader, accelerator, cfg.eval_steps)}]
     if examples is not None:
         evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
         log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
-    return Run(cfg, accelerator, raw_model, model, optimizers, train_loader, state, evaluators, flops_per_step, log)
+    return Run(cfg, accelerator, run_dir, raw_model, model, optimizers, train_loader, state, evaluators,
+               flops_per_step, log)
 
 
 def run_evals(run: Run) -> None:
@@ -1078,33 +1205,35 @@ class Throughput:
         self.window_start, self.window_steps = time.time(), 0
 
 
-def checkpoint(run: Run) -> None:
+def save_if_finite(run: Run) -> None:
     """Save a checkpoint of the current step, after checking on every process that the weights
-    are finite (a non-finite one is never written and never replaces a good one)."""
+    are finite (a non-finite one is never written and never replaces a good one). Raises
+    DivergenceError when they are not."""
     if not _all_ranks(run.accelerator, weights_are_finite(run.model)):
-        raise diverged(run.cfg, run.state.step, "the weights are no longer all finite")
-    run.log(f"saved {save_checkpoint(run.accelerator, run.model, run.raw_model, run.cfg, run.state)}")
+        raise divergence_error(run.run_dir, run.state.step, "the weights are no longer all finite")
+    run.log(f"saved {run.run_dir.save(run.accelerator, run.model, run.raw_model, run.cfg, run.state)}")
 
 
-def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop: StopSignal) -> tuple[GPT, dict]:
+def fit(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resume: Resume | None,
+        stop: StopSignal) -> tuple[GPT, dict]:
     """Run training to cfg.max_steps (or a signal caught by `stop`).
 
     Returns the trained model (unwrapped) and the final TrainState as a dict (step, tokens_seen,
     loss, val_loss, loader position). Raises DivergenceError for a non-finite step, Interrupted
     for a signal before training started.
     """
-    run = setup_run(cfg, accelerator, resume, stop)
-    state, throughput = run.state, Throughput(run)
+    run = setup_run(cfg, accelerator, run_dir, resume, stop)
+    cfg, state, throughput = run.cfg, run.state, Throughput(run)
     with tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-                                    disable=not accelerator.is_main_process) as bar:
+              disable=not accelerator.is_main_process) as bar:
         if state.step == 0:
             run_evals(run)
         run.model.train()
         while state.step < cfg.max_steps:
             stats = train_step(run.model, run.optimizers, accelerator, run.train_loader, cfg, state.step, stop)
             if not stats.applied:
-                raise diverged(cfg, state.step + 1, f"the loss is {stats.loss} and the gradient norm "
-                                                    f"{stats.grad_norm} (the update was not applied)")
+                raise divergence_error(run_dir, state.step + 1, f"the loss is {stats.loss} and the gradient norm "
+                                                               f"{stats.grad_norm} (the update was not applied)")
             state.advance(stats.loss, cfg.tokens_per_step, run.train_loader)
             throughput.step()
             bar.update(1)
@@ -1114,7 +1243,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop:
             if state.step % cfg.eval_interval == 0 or last_step:
                 run_evals(run)
             if state.step % cfg.ckpt_interval == 0 or last_step or stats.stop_requested:
-                checkpoint(run)
+                save_if_finite(run)
             if stats.stop_requested:
                 run.log(f"stopped by {stop.received or 'a signal on another process'} after step {state.step}. "
                         f"To continue, run the same command with --init_from=resume")
@@ -1122,7 +1251,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, resume: Resume | None, stop:
     release_wrapped_model(run)
     accelerator.end_training()  # destroys the process group
     if cfg.plot and accelerator.is_main_process:
-        plot_losses(run.log_path, Path(cfg.out_dir) / "loss.png")
+        plot_losses(run_dir.log_path, run_dir.path / PLOT_FILE)
     return run.raw_model, state.state_dict()
 
 
@@ -1131,8 +1260,8 @@ def release_wrapped_model(run: Run) -> None:
 
     Otherwise DDP's Reducer can outlive destroy_process_group and hold the last reference to the
     gloo process group. Its destructor then joins gloo's worker threads while holding the GIL, and a
-    worker still releasing the last collective waits for the GIL: the process never exits. Before
-    this, 4 of 292 two-process CPU runs hung so, after saving their last checkpoint.
+    worker still releasing the last collective waits for the GIL: the process never exits, after
+    saving its last checkpoint (tests/test_train.py's two-process run checks no wrapper is left).
     """
     run.model = None
     run.evaluators.clear()  # their closures hold the wrapped model
@@ -1186,59 +1315,64 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
-    """Parse the config, start the processes, pick the checkpoint to resume, build the
-    Accelerator, train. Returns what `fit` returns (None after --help)."""
+    """Parse the config, start the processes, lock out_dir, pick the checkpoint to resume, build
+    the Accelerator, train. Returns what `fit` returns (None after --help)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(config_help())
         return None
     cfg = load_config(argv)
     with StopSignal() as stop:  # from here on, SIGINT/SIGTERM stop the run between steps, or before it writes
-        return _locked_main(cfg, stop)
+        processes = start_processes()
+        run_dir = RunDir(cfg.out_dir, processes.is_main_process)
+        # One run at a time in out_dir: the main process holds its lock until it exits; the run's other
+        # processes wait for it, so none of them reads out_dir while another run may be writing there.
+        with run_dir.locked():
+            processes.wait_for_everyone()
+            return _main(cfg, processes, run_dir, stop)
 
 
-def _locked_main(cfg: TrainConfig, stop: StopSignal) -> tuple[GPT, dict] | None:
-    state = start_processes()
-    # One run at a time in out_dir: the main process holds its lock until it exits; the run's other
-    # processes wait for it, so none of them reads out_dir while another run may be writing there.
-    lock = atomic.lock_dir(cfg.out_dir, ConfigError, "out_dir") if state.is_main_process else None
-    try:
-        state.wait_for_everyone()
-        return _main(cfg, state, stop)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _main(cfg: TrainConfig, state: PartialState, stop: StopSignal) -> tuple[GPT, dict] | None:
-    log = print if state.is_main_process else (lambda msg: None)
-    resume = select_resume(cfg, log) if cfg.init_from == "resume" else None
+def _main(cfg: TrainConfig, processes: PartialState, run_dir: RunDir, stop: StopSignal) -> tuple[GPT, dict] | None:
+    log = run_dir.log
+    resume = run_dir.load(cfg) if cfg.init_from == "resume" else None
     check_optimizer_fits(cfg, resume)
-    saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
-    try:
-        cfg = validate(cfg, state.num_processes, log, resume_tokens_per_step=saved_tokens_per_step)
-    except ConfigError as err:
-        if resume is None or resume.state.num_processes in (None, state.num_processes):
-            raise
-        raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
-                          f"{state.num_processes}: {err}") from None
+    cfg = derive_for_processes(cfg, processes.num_processes, resume, log)
     if resume is not None and resume.state.step >= cfg.max_steps:
         log(f"nothing to train: {resume.ckpt} is at step {resume.state.step} and max_steps={cfg.max_steps}; "
             f"raise max_steps (and lr_decay_steps) to train further. Nothing in {cfg.out_dir} was changed")
         return resume.model, resume.state.state_dict()
-    # "auto" may time bf16 against fp32: the main process decides, so every process trains alike
-    choice = [devices.mixed_precision(cfg.mixed_precision, state.device, devices.Workload.of("batched", cfg))
-              if state.is_main_process else None]
-    broadcast_object_list(choice)  # a no-op with one process
-    cfg.mixed_precision, note = choice[0]
-    if note:
-        log(note)
+    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg, processes, log))
     accelerator = make_accelerator(cfg)
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
             f"uses {describe_processes(accelerator)}")
     set_seed(cfg.seed)  # same initial weights on every process
-    return fit(cfg, accelerator, resume, stop)
+    return fit(cfg, accelerator, run_dir, resume, stop)
+
+
+def derive_for_processes(cfg: TrainConfig, world_size: int, resume: Resume | None, log) -> TrainConfig:
+    """with_derived for this run, keeping a resumed checkpoint's global batch. Raises ConfigError,
+    naming the checkpoint when the number of processes changed and its batch cannot be kept."""
+    saved_tokens_per_step = resume.train_config.get("tokens_per_step") if resume else None
+    try:
+        return with_derived(cfg, world_size, log, resume_tokens_per_step=saved_tokens_per_step)
+    except ConfigError as err:
+        if resume is None or resume.state.num_processes in (None, world_size):
+            raise
+        raise ConfigError(f"cannot resume {resume.ckpt}, saved by {resume.state.num_processes} process(es), with "
+                          f"{world_size}: {err}") from None
+
+
+def resolve_mixed_precision(cfg: TrainConfig, processes: PartialState, log) -> str:
+    """cfg.mixed_precision with "auto" decided (devices.mixed_precision may time bf16 against fp32):
+    the main process decides, so every process trains alike; its note goes through log."""
+    choice = [devices.mixed_precision(cfg.mixed_precision, processes.device, devices.Workload.of("batched", cfg.model))
+              if processes.is_main_process else None]
+    broadcast_object_list(choice)  # a no-op with one process
+    precision, note = choice[0]
+    if note:
+        log(note)
+    return precision
 
 
 if __name__ == "__main__":

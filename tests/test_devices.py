@@ -133,7 +133,7 @@ def seed_cache(workload: Workload, fp32: float, bf16: float) -> None:
 
 def tiny_workload() -> Workload:
     cfg = train.load_config(tiny_args("unused", "unused"))
-    return Workload("batched", cfg.n_embd, cfg.n_layer, VOCAB)
+    return Workload("batched", cfg.model.n_embd, cfg.model.n_layer, VOCAB)
 
 
 def test_train_start_line_says_what_auto_measured(monkeypatch, tmp_path, data_dir, capsys):
@@ -142,7 +142,7 @@ def test_train_start_line_says_what_auto_measured(monkeypatch, tmp_path, data_di
     train.main(tiny_args(data_dir, tmp_path / "run", "--mixed_precision=auto", "--max_steps=1"))
     out = capsys.readouterr().out
     assert "mixed_precision=auto -> no (bf16 0.70x fp32 on this cpu, measured earlier: " in out
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "no"
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["mixed_precision"] == "no"
 
 
 def test_explicit_bf16_is_honoured_with_a_warning_when_it_measured_slower(monkeypatch, tmp_path, data_dir, capsys):
@@ -151,7 +151,7 @@ def test_explicit_bf16_is_honoured_with_a_warning_when_it_measured_slower(monkey
     _, progress = train.main(tiny_args(data_dir, tmp_path / "run", "--mixed_precision=bf16", "--max_steps=2"))
     out = capsys.readouterr().out
     assert "warning: mixed_precision=bf16 runs at 0.70x fp32's speed on this cpu" in out
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["mixed_precision"] == "bf16"
     assert progress["step"] == 2
 
 

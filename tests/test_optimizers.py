@@ -19,7 +19,7 @@ from conftest import ROOT, VOCAB, failure, tiny_args, torchrun
 from errors import ConfigError
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
-from train import TrainConfig, lr_at, make_optimizers, param_groups, validate
+from train import TrainConfig, lr_at, make_optimizers, param_groups, with_derived
 
 MUON = ["--optimizer=muon", "--muon_lr=0.02"]  # at tiny.py's width, a rate at which Muon visibly trains
 
@@ -50,7 +50,7 @@ def tiny_model(**overrides) -> GPT:
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tie_embeddings):
     model = tiny_model(tie_embeddings=tie_embeddings)
     names = {id(p): n for n, p in model.named_parameters()}
-    adamw, muon = make_optimizers(model, validate(TrainConfig(optimizer="muon", learning_rate=1e-3), 1),
+    adamw, muon = make_optimizers(model, with_derived(TrainConfig.from_flat(optimizer="muon", learning_rate=1e-3), 1),
                                   torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     on_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
@@ -69,7 +69,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tie_embeddings):
 
 def test_adamw_default_is_todays_single_optimizer():
     model = tiny_model()
-    cfg = validate(TrainConfig(learning_rate=1e-3, weight_decay=0.05), 1)
+    cfg = with_derived(TrainConfig.from_flat(learning_rate=1e-3, weight_decay=0.05), 1)
     assert cfg.optimizer == "adamw" and cfg.muon_lr is None
     (adamw,) = make_optimizers(model, cfg, torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
@@ -80,27 +80,27 @@ def test_adamw_default_is_todays_single_optimizer():
 
 def test_muon_fields_are_checked_together():
     with pytest.raises(ConfigError) as info:
-        validate(TrainConfig(optimizer="muon", muon_lr=-1.0, muon_adjust_lr="spectral", muon_momentum=1.0,
-                             muon_weight_decay=-0.1, mixed_precision="fp16"), 1)
+        TrainConfig.from_flat(optimizer="muon", muon_lr=-1.0, muon_adjust_lr="spectral", muon_momentum=1.0,
+                              muon_weight_decay=-0.1, mixed_precision="fp16")
     message = str(info.value)
     for text in ("muon_lr=-1.0 must be > 0", "muon_adjust_lr='spectral' must be one of", "muon_momentum=1.0 must be in [0, 1)",
                  "muon_weight_decay=-0.1 must be >= 0", "optimizer=muon does not run with mixed_precision='fp16'"):
         assert text in message, message
     assert "\n" not in message
     with pytest.raises(ConfigError, match=r"optimizer='sgd' must be one of \('adamw', 'muon'\)"):
-        validate(TrainConfig(optimizer="sgd"), 1)
+        TrainConfig.from_flat(optimizer="sgd")
 
 
 def test_a_torch_without_muon_is_named(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")  # as in torch < 2.9, which the project still accepts for AdamW
-    validate(TrainConfig(), 1)
+    TrainConfig.from_flat()
     with pytest.raises(ConfigError, match=re.escape(f"optimizer=muon needs torch.optim.Muon, in torch >= 2.9; this "
                                                     f"torch is {torch.__version__}")):
-        validate(TrainConfig(optimizer="muon"), 1)
+        TrainConfig.from_flat(optimizer="muon")
 
 
 def test_the_muon_config_is_valid():
-    cfg = validate(train.load_config([str(ROOT / "configs" / "gpt2_124m_muon.py")]), world_size=8)
+    cfg = with_derived(train.load_config([str(ROOT / "configs" / "gpt2_124m_muon.py")]), world_size=8)
     assert (cfg.optimizer, cfg.tokens_per_step, cfg.grad_accum_steps) == ("muon", 524_288, 2)
 
 
@@ -109,9 +109,9 @@ def test_the_muon_config_is_valid():
 
 def test_the_schedule_scales_each_optimizers_own_peak(data_dir):
     """Warmup and cosine move both optimizers by the same factor; AdamW's rate is lr_at's exactly."""
-    cfg = validate(TrainConfig(optimizer="muon", learning_rate=1e-3, min_lr=1e-4, muon_lr=0.05, warmup_steps=4,
-                               max_steps=20, n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
-                               micro_batch_size=2), 1)
+    cfg = with_derived(TrainConfig.from_flat(optimizer="muon", learning_rate=1e-3, min_lr=1e-4, muon_lr=0.05,
+                                             warmup_steps=4, max_steps=20, n_layer=2, n_head=2, n_embd=32,
+                                             block_size=32, vocab_size=VOCAB, micro_batch_size=2), 1)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB))
     accelerator = Accelerator(cpu=True)
     model, *optimizers = accelerator.prepare(model, *make_optimizers(model, cfg, accelerator.device))
@@ -142,7 +142,7 @@ def test_muon_resume_is_exact_and_the_other_optimizer_is_refused(data_dir, tmp_p
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")  # bit for bit
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in straight if "val_loss" in r]
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["optimizer"] == "muon"
+    assert json.loads((tmp_path / "resumed" / "train_config.json").read_text())["optimizer"] == "muon"
 
     with pytest.raises(ConfigError, match=r"cannot resume .*step_0000008 with optimizer=adamw: it was trained with "
                                           r"optimizer=muon.*--optimizer=muon"):

@@ -191,7 +191,7 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(data_dir
     assert first.returncode == 0, failure(first)
     assert "DDP over gloo, 2 processes" in first.stdout
     main(*tiny_args(data_dir, tmp_path / "a", *common, "--grad_accum_steps=1", "--init_from=resume"))
-    effective = json.loads((tmp_path / "a" / "config.json").read_text())
+    effective = json.loads((tmp_path / "a" / "train_config.json").read_text())
     assert (effective["grad_accum_steps"], effective["tokens_per_step"]) == (2, 256)
 
     # 1 -> 2, with an FSDP request that Accelerate can only honour on GPUs: the start line says what runs
@@ -201,7 +201,7 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(data_dir
     assert second.returncode == 0, failure(second)
     assert "grad_accum_steps=1 keeps the checkpoint's 256 tokens per step" in second.stdout
     assert "FSDP was requested" in second.stdout and "DDP over gloo, 2 processes" in second.stdout
-    effective = json.loads((tmp_path / "b" / "config.json").read_text())
+    effective = json.loads((tmp_path / "b" / "train_config.json").read_text())
     assert (effective["grad_accum_steps"], effective["tokens_per_step"]) == (1, 256)
 
     for run in ("a", "b"):
@@ -322,8 +322,8 @@ def test_out_dir_that_is_a_file(data_dir, tmp_path):
 def test_help_lists_every_field_and_exits_0():
     proc = run_command("train.py", "--help")
     assert proc.returncode == 0, proc.stderr
-    for field in train.dataclasses.fields(train.TrainConfig):
-        assert f"--{field.name}=" in proc.stdout, field.name
+    for key in train.config_keys():
+        assert f"--{key}=" in proc.stdout, key
     assert re.search(r"--learning_rate=0\.0006 +float\. peak", proc.stdout)
     assert re.search(r"--grad_accum_steps=None +int or None\.", proc.stdout)
     assert "executed" in proc.stdout  # a config file is Python
@@ -333,7 +333,7 @@ def test_max_steps_below_warmup_runs_with_a_note(data_dir, tmp_path, capsys):
     _, state = main(*tiny_args(data_dir, tmp_path / "run", "--max_steps=2"))  # tiny.py: warmup_steps=5
     assert state["step"] == 2
     assert "warmup_steps=5 is more than max_steps=2" in capsys.readouterr().out
-    effective = json.loads((tmp_path / "run" / "config.json").read_text())
+    effective = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert effective["warmup_steps"] == 2 and math.isclose(losses(tmp_path / "run")[2], state["loss"])
 
 

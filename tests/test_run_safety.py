@@ -209,12 +209,24 @@ def test_resume_past_max_steps_says_so_and_changes_nothing(data_dir, run_copy, c
     assert snapshot(run_copy) == before
 
 
+def test_a_run_directory_of_an_earlier_version_resumes(data_dir, run_copy):
+    """Earlier versions wrote the run's config as config.json: such a directory still counts as a
+    run's outputs, and a resume continues it, writing train_config.json in that file's place."""
+    (run_copy / "train_config.json").rename(run_copy / "config.json")
+    with pytest.raises(ConfigError, match=r"already holds .*config\.json.*--overwrite=true"):
+        main(*tiny_args(data_dir, run_copy, *COMMON))
+    _, state = main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=5", "--init_from=resume"))
+    assert state["step"] == 5 and checkpoints.list_checkpoints(run_copy)[-1].name == "step_0000005"
+    assert not (run_copy / "config.json").exists()
+    assert json.loads((run_copy / "train_config.json").read_text())["max_steps"] == 5
+
+
 def test_checkpoint_files_are_published_with_the_usual_mode(run4):
     mode = atomic.file_mode()
     for path in checkpoints.step_dir(run4, 4).rglob("*"):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == mode, path
-    assert (run4 / "config.json").stat().st_mode & 0o777 == mode
+    assert (run4 / "train_config.json").stat().st_mode & 0o777 == mode
 
 
 # ------------------------------------------------------------------ one line and exit 2, or a clean stop

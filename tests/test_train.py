@@ -1,5 +1,6 @@
 """train.py: config, schedule, optimizer groups, accumulation, resume, multi-process, signals."""
 
+import dataclasses
 import json
 import math
 import signal
@@ -19,7 +20,7 @@ import train
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
 from errors import DivergenceError
-from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, validate
+from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, with_derived
 
 from conftest import ROOT, VOCAB, env as _env, failure, tiny_args, torchrun
 
@@ -67,34 +68,50 @@ def test_config_typos_and_type_errors_name_the_key(tmp_path):
 
 def test_validate_collects_every_problem_and_derives_accumulation():
     with pytest.raises(ConfigError) as err:
-        validate(TrainConfig(n_embd=100, n_head=3, min_lr=1.0, learning_rate=0.1, mixed_precision="fp8"), 1)
+        TrainConfig.from_flat(n_embd=100, n_head=3, min_lr=1.0, learning_rate=0.1, mixed_precision="fp8")
     message = str(err.value)
-    for part in ("n_embd=100 must be divisible by n_head=3", "min_lr=1.0", "mixed_precision='fp8'"):
+    for part in ("n_embd (100) must be divisible by n_head (3)", "min_lr=1.0", "mixed_precision='fp8'"):
         assert part in message
     # tokens_per_step fixes the accumulation for the number of processes
-    cfg = validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=8192), world_size=2)
+    cfg = with_derived(TrainConfig.from_flat(micro_batch_size=4, block_size=256, tokens_per_step=8192), world_size=2)
     assert cfg.grad_accum_steps == 4 and cfg.tokens_per_step == 8192 and cfg.lr_decay_steps == cfg.max_steps
     with pytest.raises(ConfigError, match="tokens_per_step=10000 is not divisible"):
-        validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=10000), world_size=2)
+        with_derived(TrainConfig.from_flat(micro_batch_size=4, block_size=256, tokens_per_step=10000), world_size=2)
     with pytest.raises(ConfigError, match="grad_accum_steps=3 contradicts tokens_per_step=8192"):
-        validate(TrainConfig(micro_batch_size=4, block_size=256, tokens_per_step=8192, grad_accum_steps=3), 2)
+        with_derived(TrainConfig.from_flat(micro_batch_size=4, block_size=256, tokens_per_step=8192,
+                                          grad_accum_steps=3), 2)
+
+
+def test_the_config_is_built_once_and_what_is_derived_is_a_new_config():
+    cfg = load_config(["--n_layer=4", "--block_size=32", "--micro_batch_size=2", "--max_steps=3"])
+    assert cfg.model == GPTConfig(n_layer=4, block_size=32) and not hasattr(cfg, "n_layer")  # the model's fields, once
+    derived = with_derived(cfg, world_size=2)
+    assert (derived.grad_accum_steps, derived.tokens_per_step, derived.warmup_steps, derived.lr_decay_steps) == \
+        (1, 2 * 2 * 32, 3, 3)
+    assert (cfg.grad_accum_steps, cfg.tokens_per_step, cfg.warmup_steps, cfg.lr_decay_steps) == (None, None, 100, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_steps = 5
+    flat = derived.to_flat()
+    assert flat["n_layer"] == 4 and "model" not in flat
+    assert TrainConfig.from_flat(**flat) == derived  # train_config.json reads back as the same config
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "gpt2_124m", "finetune_gpt2"])
 def test_shipped_configs_are_valid(name, tmp_path):
     extra = [f"--init_from={tmp_path}"] if name == "finetune_gpt2" else []
-    cfg = validate(load_config([str(ROOT / "configs" / f"{name}.py"), *extra]), world_size=1)
-    assert cfg.tokens_per_step == cfg.micro_batch_size * cfg.block_size * cfg.grad_accum_steps
+    cfg = with_derived(load_config([str(ROOT / "configs" / f"{name}.py"), *extra]), world_size=1)
+    assert cfg.tokens_per_step == cfg.micro_batch_size * cfg.model.block_size * cfg.grad_accum_steps
     if name == "gpt2_124m":  # ~0.5M tokens per step on 1 or 8 GPUs
         assert cfg.tokens_per_step == 524_288
-        assert validate(load_config([str(ROOT / "configs" / "gpt2_124m.py")]), world_size=8).grad_accum_steps == 2
+        assert with_derived(load_config([str(ROOT / "configs" / "gpt2_124m.py")]), world_size=8).grad_accum_steps == 2
 
 
 # ---------------------------------------------------------- schedule and groups
 
 
 def test_lr_schedule_endpoints():
-    cfg = validate(TrainConfig(warmup_steps=10, max_steps=200, lr_decay_steps=110, learning_rate=1.0, min_lr=0.1), 1)
+    cfg = with_derived(TrainConfig.from_flat(warmup_steps=10, max_steps=200, lr_decay_steps=110, learning_rate=1.0,
+                                              min_lr=0.1), 1)
     assert lr_at(0, cfg) == pytest.approx(0.1)  # 1/10 of the peak on the first step
     assert lr_at(9, cfg) == pytest.approx(1.0)  # end of warmup: the peak
     assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
@@ -153,7 +170,7 @@ def test_loss_falls_on_tiny_config(data_dir, tmp_path):
     assert progress["step"] == 120 and progress["tokens_seen"] == 120 * 4 * 64 * 2
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec"):
         assert key in records[1]
-    effective = json.loads((tmp_path / "run" / "config.json").read_text())
+    effective = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert effective["max_steps"] == 120 and effective["tokens_per_step"] == 512
     # the final checkpoint is a GPT-2 directory holding the trained weights
     ckpt = checkpoints.latest(tmp_path / "run")
@@ -217,7 +234,7 @@ def test_finetune_from_hf_dir_starts_at_its_loss(data_dir, tmp_path):
         train.main(tiny_args(data_dir, tmp_path / "ft2", f"--init_from={tmp_path / 'hf'}", "--block_size=128"))
     first_val = read_log(tmp_path / "ft")[0]
     assert first_val["step"] == 0 and first_val["val_loss"] == pytest.approx(expected, abs=1e-4)
-    effective = json.loads((tmp_path / "ft" / "config.json").read_text())
+    effective = json.loads((tmp_path / "ft" / "train_config.json").read_text())
     assert (effective["n_layer"], effective["n_embd"], effective["n_head"]) == (2, 48, 3)  # from the weights
 
 
