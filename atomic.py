@@ -1,6 +1,6 @@
 """Publishing files and directories so that a crash, a kill, a power loss or a full disk never
 leaves one that looks whole. Every file this project writes to keep goes through here: shards,
-meta.json, checkpoints, weights, loss.png, config.json, eval results.
+meta.json, checkpoints, weights, loss.png, train_config.json, eval results.
 
 The recipe, for a file: write it under a temporary name beside its final one, flush and fsync
 it, rename it into place (atomic on POSIX), then fsync the directory so the rename itself is on
