@@ -36,13 +36,13 @@ from typing import Callable, TypeVar
 
 import atomic
 from errors import CheckpointError
+from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
+from hf_weights import WEIGHT_FILES
 
 CKPT_SUBDIR = "ckpt"
 STATE_SUBDIR = "state"
 META_FILE = "meta.json"
 TRAIN_CONFIG_FILE = "train_config.json"
-HF_CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TMP_PREFIX = ".tmp_"
 _STEP_DIR = re.compile(r"step_(\d{7})")
 

@@ -8,9 +8,9 @@ lm-evaluation-harness, vLLM, an upload to the hub):
     generation_config.json                     bos/eos <|endoftext|> (50256)
     README.md                                  the model card: hub metadata, training facts, config
 
-GPT.save_pretrained writes them beside the weights, so every checkpoint train.py saves has them
-too (inside the checkpoint's temporary directory, so they are published, listed in meta.json
-and verified with it). Nothing in this project reads them back: sample.py, eval.py and
+hf_weights.save_pretrained (behind GPT.save_pretrained) writes them beside the weights, so every
+checkpoint train.py saves has them too (inside the checkpoint's temporary directory, so they are
+published, listed in meta.json and verified with it). Nothing in this project reads them back: sample.py, eval.py and
 --init_from load config.json and the weights only, so directories without these files load too.
 """
 

@@ -1,12 +1,13 @@
 """GPT-2 as a plain PyTorch module.
 
-Everything the network is lives here: the config, causal self-attention (written out by hand,
-or through `scaled_dot_product_attention`), the MLP, the residual block, the full model with
-explicit initialisation, tied input/output embeddings, optional activation checkpointing, the
-loss head (chunked linear + cross-entropy, so training never holds the (B, T, vocab) logits),
-and import/export of GPT-2 weights in the Hugging Face layout. Generation (KV-cache slots,
-sampling, batching) lives in engine.py; the model only takes a cache object and per-row
-positions in `hidden_states`.
+The config, causal self-attention (written out by hand, or through `scaled_dot_product_attention`),
+the MLP, the residual block, and the full model: explicit initialisation, tied input/output
+embeddings, optional activation checkpointing, `forward` (logits or the loss), parameter and FLOP
+counts. Neighbours own the rest:
+  loss_head.py     the chunked linear + cross-entropy head, so training never holds the (B, T, vocab) logits
+  hf_weights.py    GPT-2 weights in the Hugging Face layout (`GPT.from_pretrained` / `save_pretrained` call it)
+  engine.py        generation (KV-cache slots, sampling, batching); the model only takes a cache
+                   object and per-row positions in `hidden_states`
 
 References:
   [1] Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
@@ -16,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import atomic
 from loss_head import IGNORE_INDEX, linear_cross_entropy
-from tokenizer import EOT_TOKEN
 
 ATTENTION_IMPLS = ("sdpa", "manual")
 LOSS_IMPLS = ("chunked", "full")
@@ -166,26 +164,19 @@ class Block(nn.Module):
         return x
 
 
-# The four matmul weights that GPT-2's checkpoints store as Conv1D, i.e. (in, out), transposed
-# relative to nn.Linear's (out, in).
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers some Hugging Face checkpoints carry (the causal mask); they hold no learned weights.
-_HF_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")
-
-
 class GPT(nn.Module):
+    """GPT-2: token and position embeddings, n_layer Blocks, a final LayerNorm, the lm_head."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # One Parameter, two uses: the input embedding and the output projection [1].
@@ -270,14 +261,8 @@ class GPT(nn.Module):
                 x = block(x, cache)
         return self.transformer.ln_f(x)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        reduction: str = "mean",
-        return_logits: bool | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean",
+                return_logits: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits, or the cross-entropy loss, or both.
 
         idx: (B, T) int64 token ids, T <= block_size.
@@ -304,200 +289,19 @@ class GPT(nn.Module):
         loss = linear_cross_entropy(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T), reduction)
         return None, (loss.view(B, T) if reduction == "none" else loss)
 
-    # ------------------------------------------------- GPT-2 weights (HF layout)
+    # --------------------------------------- GPT-2 weights in the HF layout (hf_weights.py)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "GPT":
-        """Load GPT-2 weights saved in the Hugging Face layout.
+        """A model from a Hugging Face GPT-2 directory or hub name (see hf_weights.load_pretrained).
+        overrides: any of hf_weights.OVERRIDABLE (dropout, attention, ...; never the shape)."""
+        import hf_weights
 
-        path: a local directory with config.json and model.safetensors (or pytorch_model.bin,
-            read with weights_only=True, never unpickling code), or a hub name such as "gpt2",
-            downloaded when a network is reachable.
-        overrides: dropout, gradient_checkpointing, attention or loss_impl; the shape comes from config.json.
-        Raises FileNotFoundError, ValueError naming an unsupported config field, or KeyError /
-        ValueError naming a missing, unexpected or wrongly shaped weight.
-        """
-        allowed = {"dropout", "gradient_checkpointing", "attention", "loss_impl"}
-        if set(overrides) - allowed:
-            raise ValueError(
-                f"from_pretrained can only override {sorted(allowed)}, got {sorted(set(overrides) - allowed)}"
-            )
-        directory = _resolve_pretrained_dir(path)
-        config = config_from_hf(json.loads((directory / "config.json").read_text()), **overrides)
-        model = cls(config)
-        model.load_hf_state_dict(_read_weights(directory))
-        return model
-
-    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor]) -> None:
-        """Copy a Hugging Face GPT-2 state dict into this model, checking every key and shape."""
-        # Checkpoints saved from GPT2LMHeadModel prefix keys with "transformer."; GPT2Model doesn't.
-        hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-        original_name = {k.removeprefix("transformer."): k for k in hf_state}
-        own = self.state_dict()
-        expected = set()
-        for key, param in own.items():
-            hf_key = key.removeprefix("transformer.")
-            if key == "lm_head.weight" and self.config.tie_embeddings:
-                expected.add(hf_key)  # may be stored or not; the tied wte is what counts
-                continue
-            expected.add(hf_key)
-            if hf_key not in hf:
-                raise KeyError(f"weight {key!r} is missing from the checkpoint")
-            tensor = hf[hf_key]
-            if key.endswith(_CONV1D_SUFFIXES):
-                tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
-            if tensor.shape != param.shape:
-                raise ValueError(
-                    f"weight {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
-                    f"the model expects {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                param.copy_(tensor)
-        unexpected = sorted(original_name[k] for k in hf if k not in expected and not k.endswith(_HF_IGNORED_SUFFIXES))
-        if unexpected:
-            raise KeyError(f"unexpected weight(s) in the checkpoint: {unexpected[:5]}")
-
-    def hf_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Weights under GPT2LMHeadModel's names and Conv1D layout (CPU, contiguous).
-
-        state_dict: this model's own state dict, or an equivalent one gathered elsewhere (e.g. the
-        full weights of a sharded run); defaults to self.state_dict().
-        """
-        out = {}
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        for key, tensor in state_dict.items():
-            if key == "lm_head.weight" and self.config.tie_embeddings:
-                continue  # stored once, as transformer.wte.weight
-            tensor = tensor.detach()
-            if key.endswith(_CONV1D_SUFFIXES):
-                tensor = tensor.t()
-            out[key] = tensor.contiguous().cpu()
-        return out
+        return hf_weights.load_pretrained(path, lambda fields: cls(GPTConfig(**fields)), **overrides)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                         training: dict | None = None) -> None:
-        """Write config.json and model.safetensors that transformers' GPT2LMHeadModel loads, and
-        the files that make the directory complete for the rest of the ecosystem (hf_extras.py:
-        GPT-2's tokenizer, generation_config.json, a model card).
+        """Write a directory transformers' GPT2LMHeadModel loads; see hf_weights.save_pretrained."""
+        import hf_weights
 
-        state_dict: as for `hf_state_dict`. training: the trainer's facts for the model card (see
-        hf_extras.extra_files). Each file is published with atomic.atomic_path (temporary name,
-        fsync, rename), so none is ever half-written.
-        Raises ValueError for a model GPT-2's format cannot express (bias=False).
-        """
-        from safetensors.torch import save_file
-
-        import hf_extras
-
-        if not self.config.bias:
-            raise ValueError("GPT-2's Hugging Face format has biases everywhere; bias=False cannot be exported")
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = self.hf_state_dict(state_dict)
-        with atomic.atomic_path(directory / "model.safetensors") as tmp:
-            save_file(weights, str(tmp), metadata={"format": "pt"})
-        hf_config = config_to_hf(self.config)
-        atomic.write_json(directory / "config.json", hf_config)
-        # Counted from what is written: under FSDP self's own parameters are only this process's shard.
-        hf_extras.write_extras(directory, hf_config, sum(t.numel() for t in weights.values()), training)
-
-
-
-
-# ------------------------------------------------------------ HF format helpers
-
-
-def config_from_hf(hf: dict, **overrides) -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json; refuses settings this model lacks."""
-    n_embd = hf["n_embd"]
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-    }
-    for name, (value, ok) in unsupported.items():
-        if value not in ok:
-            raise ValueError(f"config.json field {name}={value!r} is not supported (expected one of {ok})")
-    return GPTConfig(
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=n_embd,
-        dropout=overrides.pop("dropout", hf.get("resid_pdrop", 0.0)),
-        bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        **overrides,
-    )
-
-
-def config_to_hf(config: GPTConfig) -> dict:
-    """A config.json that transformers reads as GPT2LMHeadModel of the same shape."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        # <|endoftext|> starts and ends every document; a toy vocabulary has no such id.
-        "bos_token_id": EOT_TOKEN if config.vocab_size > EOT_TOKEN else None,
-        "eos_token_id": EOT_TOKEN if config.vocab_size > EOT_TOKEN else None,
-        "tie_word_embeddings": config.tie_embeddings,
-    }
-
-
-def _resolve_pretrained_dir(path: str | Path) -> Path:
-    directory = Path(path)
-    if directory.is_dir():
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face GPT-2 directory?")
-        return directory
-    if directory.exists():
-        raise FileNotFoundError(f"{directory} is a file; pass the directory that holds config.json")
-    name = str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"no such directory: {name}")
-    # Not a local path: treat it as a hub name such as "gpt2" or "openai-community/gpt2".
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "pytorch_model.bin"])
-        )
-    except Exception as err:
-        raise FileNotFoundError(
-            f"{name!r} is not a local directory and could not be downloaded from the Hugging Face hub "
-            f"({type(err).__name__}). Offline, pass a local directory holding config.json and "
-            f"model.safetensors (e.g. one written by save_pretrained)."
-        ) from err
-
-
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    safetensors_file = directory / "model.safetensors"
-    if safetensors_file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(safetensors_file))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read weights from {safetensors_file}: {err}") from err
-    bin_file = directory / "pytorch_model.bin"
-    if bin_file.is_file():
-        try:
-            return torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read weights from {bin_file}: {err}") from err
-    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+        hf_weights.save_pretrained(self, path, state_dict, training)

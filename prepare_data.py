@@ -61,6 +61,7 @@ from tqdm import tqdm
 import atomic
 import shards
 from errors import DataError, UserError
+from hf_weights import is_local_path
 from shards import ShardWriter
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, gpt2_tokenizer
 
@@ -277,11 +278,6 @@ def read_files(files: list[Path], text_field: str, stats: Stats) -> Iterator[str
 # ------------------------------------------------------------------------------------ Hugging Face datasets
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a path on this machine.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def open_hf_dataset(name: str, config: str | None, split: str, text_field: str):
     """A `datasets` Dataset or IterableDataset from a local directory or the hub.
 
@@ -310,7 +306,7 @@ def open_hf_dataset(name: str, config: str | None, split: str, text_field: str):
         except Exception as err:  # datasets raises many types here; the message is passed on whole
             raise DataError(f"could not load the local directory {name} with datasets.load_dataset: "
                             f"{type(err).__name__}: {err}") from err
-    if _looks_like_local_path(name):
+    if is_local_path(name):
         raise DataError(f"--hf_dataset {name}: no such local directory")
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True)
