@@ -572,7 +572,6 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
     import threading
     import urllib.request
 
-    import checkpoints
     from engine import Engine, SamplingParams
 
     print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy, fp32, "
@@ -581,7 +580,7 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
         new = 64 if name == "small.py" else 32
         ours, hf = _decode_models(shape)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoints.save_weights(Path(tmp) / "run", 1, ours)
+            ours.save_pretrained(Path(tmp) / "run")  # a GPT-2 directory, which serve.py loads as it is
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
