@@ -78,17 +78,22 @@ def is_disk_full(err: BaseException, directory: Path) -> bool:
     return stat.f_bavail * stat.f_frsize < _NEARLY_FULL_BYTES
 
 
-def _failed(err: BaseException, path: Path, tmp: Path) -> BaseException:
-    """The exception to raise after a failed write of `path`; removes `tmp` (a file or directory)."""
-    full = isinstance(err, Exception) and is_disk_full(err, path.parent)
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.unlink(missing_ok=True)
-    if full:
-        return DiskFullError(f"disk full while writing {path} ({type(err).__name__}: {err}); "
-                             f"the partial file was removed: free some space and run again")
-    return err
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Run the block that writes `tmp` (a file or directory) for `path`; if it fails, remove `tmp`
+    and re-raise, a full disk as a DiskFullError naming `path`."""
+    try:
+        yield
+    except BaseException as err:
+        full = isinstance(err, Exception) and is_disk_full(err, path.parent)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"disk full while writing {path} ({type(err).__name__}: {err}); "
+                                f"the partial file was removed: free some space and run again") from err
+        raise
 
 
 @contextlib.contextmanager
@@ -100,15 +105,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = tmp_name(path)
-    try:
+    with _removed_on_failure(tmp, path):
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException as err:
-        raised = _failed(err, path, tmp)
-        if raised is err:
-            raise
-        raise raised from err
     fsync_dir(path.parent)
 
 
@@ -134,13 +134,8 @@ def publish_dir(tmp: Path, final: Path) -> None:
     An existing `final` (the same checkpoint saved again) is replaced: it is first renamed aside
     as a `.deleting_` directory, so at every moment either it or the new one is in place.
     """
-    try:
+    with _removed_on_failure(tmp, final):
         _fsync_tree(tmp)
-    except BaseException as err:
-        raised = _failed(err, final, tmp)
-        if raised is err:
-            raise
-        raise raised from err
     old = None
     if final.exists():
         old = final.with_name(DELETING_PREFIX + final.name)
@@ -168,13 +163,8 @@ def building_dir(final: Path, tmp: Path) -> Iterator[Path]:
     becomes a DiskFullError naming `final`). Publishing is left to `publish_dir`."""
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
     tmp.mkdir(parents=True)
-    try:
+    with _removed_on_failure(tmp, final):
         yield tmp
-    except BaseException as err:
-        raised = _failed(err, final, tmp)
-        if raised is err:
-            raise
-        raise raised from err
 
 
 def file_mode() -> int:

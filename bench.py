@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-TINYSHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Runs a command and prints, as JSON, its wall time, the peak over time of the summed PSS of its
 # process tree (the command and its worker processes; PSS splits shared pages between the
@@ -106,19 +105,19 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def base_text() -> tuple[str, str]:
-    """The text the data corpus is made of: tinyshakespeare if present, else the built-in plays."""
-    if TINYSHAKESPEARE.is_file():
-        return TINYSHAKESPEARE.read_text(encoding="utf-8"), "tinyshakespeare"
+def base_text(text_file: str | None = None) -> tuple[str, str]:
+    """The text the data corpus is made of, and its name: text_file (UTF-8) if given, else the
+    built-in Shakespeare plays that prepare_data.py --dataset shakespeare reads."""
+    if text_file is not None:
+        return Path(text_file).read_text(encoding="utf-8"), Path(text_file).name
     from prepare_data import read_shakespeare, shakespeare_play_files
 
     return "\n".join(read_shakespeare(shakespeare_play_files()[0])), "the built-in shakespeare plays"
 
 
-def make_documents(total_mb: float, doc_kb: float) -> list[str]:
-    """~total_mb MB of text as distinct documents of ~doc_kb KB, cut at paragraph breaks.
+def make_documents(text: str, total_mb: float, doc_kb: float) -> list[str]:
+    """~total_mb MB of `text`, repeated, as distinct documents of ~doc_kb KB, cut at paragraph breaks.
     Each starts with its number, so no two are equal (equal documents would all fall in one split)."""
-    text, _ = base_text()
     paragraphs = text.split("\n\n")
     docs, current, size, total, i = [], [], 0, 0, 0
     while total < total_mb * 1e6:
@@ -149,8 +148,10 @@ def measure_cli(argv: list[str]) -> dict:
     return json.loads(proc.stdout)
 
 
-def bench_data(mb: float = 50.0, doc_kb: float = 5.0, num_workers: int | None = None, repeats: int = 5) -> dict:
-    """prepare_data.py on ~mb MB of JSONL documents of ~doc_kb KB.
+def bench_data(mb: float = 50.0, doc_kb: float = 5.0, num_workers: int | None = None, repeats: int = 5,
+               text_file: str | None = None) -> dict:
+    """prepare_data.py on ~mb MB of JSONL documents of ~doc_kb KB, made of text_file's text (default:
+    the built-in Shakespeare plays).
 
     Throughput: the pipeline (prepare_data.prepare, in this process), single-threaded
     encode_ordinary over the same documents, and a ceiling (num_workers processes that only
@@ -166,7 +167,8 @@ def bench_data(mb: float = 50.0, doc_kb: float = 5.0, num_workers: int | None = 
     if busy is not None and busy > 0.1:
         print(f"warning: the CPUs were {busy:.0%} busy before the benchmark; the figures will be low", file=sys.stderr)
     enc = gpt2_tokenizer()
-    docs = make_documents(mb, doc_kb)
+    text, text_name = base_text(text_file)
+    docs = make_documents(text, mb, doc_kb)
     results: dict = {"cpu": cpu_name(), "cores": default_num_workers(), "num_workers": num_workers,
                      "documents": len(docs), "text_mb": sum(len(d.encode()) for d in docs) / 1e6}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
@@ -222,7 +224,7 @@ def bench_data(mb: float = 50.0, doc_kb: float = 5.0, num_workers: int | None = 
         results["memory"] = {f"{k[0]}:{k[1]}": v for k, v in memory.items()}
         results["import_memory"] = measure_cli([sys.executable, "-c", "import prepare_data"])
 
-    print(f"data: {results['text_mb']:.1f} MB of text ({base_text()[1]}, {len(docs):,} JSONL documents of "
+    print(f"data: {results['text_mb']:.1f} MB of text ({text_name}, {len(docs):,} JSONL documents of "
           f"~{doc_kb:g} KB, {results['tokens']:,} tokens), {results['cores']} cores ({results['cpu']}), "
           f"{num_workers} workers")
     print(f"  single-threaded encode_ordinary       : {results['baseline_tokens_per_s'] / 1e6:5.2f} M tokens/s")
@@ -573,7 +575,6 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
     import threading
     import urllib.request
 
-    import checkpoints
     from engine import Engine, SamplingParams
 
     print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy, fp32, "
@@ -582,7 +583,7 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
         new = 64 if name == "small.py" else 32
         ours, hf = _decode_models(shape)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoints.save_weights(Path(tmp) / "run", 1, ours)
+            ours.save_pretrained(Path(tmp) / "run")  # a GPT-2 directory, which serve.py loads as it is
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
@@ -753,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--doc_kb", type=float, default=5.0, help="document size in KB (default: 5)")
     data.add_argument("--num_workers", type=int, default=None, help="encoding processes (default: every core)")
     data.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement, taken in turn (default: 5)")
+    data.add_argument("--text_file", default=None,
+                      help="a UTF-8 text file the corpus is made of (default: the built-in Shakespeare plays)")
     train = sections.add_parser("train", help="training tokens/s and MFU: our GPT (chunked and full head) vs "
                                               "GPT2LMHeadModel; peak memory at 124M")
     train.add_argument("--steps", type=int, default=7, help="timed optimizer steps per model and setting (default: 7)")

@@ -1,5 +1,6 @@
 """The checkpoint layout, stated once, and everything that finds, checks, publishes and prunes
-checkpoints. train.py writes through it; sample.py, eval.py and the tests read through it.
+checkpoints. train.py writes through it; sample.py, eval.py and serve.py read through it, with
+their shared --checkpoint/--device/--dtype options (`add_model_args`, `load_for_inference`).
 
     out_dir/ckpt/step_0000500/
         config.json          \\ a Hugging Face GPT-2 directory: sample.py, init_from and
@@ -25,19 +26,28 @@ damaged ones, and past any that its `load` cannot load.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import atomic
+import devices
 from errors import CheckpointError
 from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
 from hf_weights import WEIGHT_FILES
+
+if TYPE_CHECKING:
+    import torch
+
+    from model import GPT
 
 CKPT_SUBDIR = "ckpt"
 STATE_SUBDIR = "state"
@@ -223,11 +233,6 @@ def prune(out_dir: str | Path, newest: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def latest(path: str | Path) -> Path:
-    """The directory `path` stands for that would be tried first (see `candidates`)."""
-    return candidates(path)[0]
-
-
 def load_model(directory: Path, **overrides):
     """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
     from model import GPT
@@ -283,11 +288,47 @@ def check_config(directory: Path) -> None:
                                   f"({name} {value})")
 
 
-def save_weights(out_dir: str | Path, step: int, model, meta: dict | None = None) -> Path:
-    """Publish a checkpoint that holds weights and meta.json but no training state (no state/):
-    what sample.py and eval.py read, e.g. a model made outside train.py. Returns its directory."""
-    tmp, final = tmp_dir(out_dir, step), step_dir(out_dir, step)
-    with atomic.building_dir(final, tmp):
-        model.save_pretrained(tmp)
-        finish(tmp, final, {"step": step, **(meta or {})})
-    return final
+# ------------------------------------------------------------------ loading a model to run it
+
+AUTO_DTYPE_HELP = ("auto: bf16 where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
+                   "timed against float32 at this model's shapes), float32 elsewhere")
+
+
+def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "auto", dtype_help: str = AUTO_DTYPE_HELP) -> None:
+    """--checkpoint, --device and --dtype, as every command that runs a model takes them."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training out_dir (its newest loadable checkpoint), a checkpoint directory, "
+                             "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default=dtype_default, choices=devices.DTYPES, help=dtype_help)
+
+
+@dataclass
+class LoadedModel:
+    model: "GPT"  # in eval mode, on `device`
+    directory: Path  # the GPT-2 directory or checkpoint it came from
+    device: "torch.device"
+    dtype: "torch.dtype"  # to compute in (autocast); the weights stay float32
+
+    def describe(self) -> str:
+        """One line for stderr: where the model came from, its shape, device and dtype."""
+        cfg = self.model.config
+        return (f"loaded {self.directory}: {self.model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
+                f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, vocab_size={cfg.vocab_size}; "
+                f"{self.device}, {str(self.dtype).removeprefix('torch.')}")
+
+
+def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
+    """The model args.checkpoint stands for (a damaged newest checkpoint is skipped with a warning on
+    stderr, see `load_latest`), in eval mode on args.device, and the dtype to run it in: args.dtype,
+    with "auto" decided for `workload` ("batched" or "decode", see devices.Workload) at the model's
+    shape. The device is checked before anything is loaded. Raises OptionError for the device or
+    dtype, CheckpointError for the checkpoint."""
+    def to_stderr(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    device = devices.resolve_device(args.device)
+    directory, _, model = load_latest(args.checkpoint, load_model, need_state=False, warn=to_stderr)
+    model = model.to(device).eval()
+    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
+    return LoadedModel(model, directory, device, dtype)

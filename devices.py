@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import atomic
-from errors import SampleError
+from errors import OptionError
 
 DTYPES = ("auto", "float32", "bfloat16")
 BF16_MIN_SPEEDUP = 1.15  # "clearly faster": a closer call is within what a shared CPU's noise moves
@@ -260,7 +260,7 @@ def bf16_speed(workload: Workload, device: torch.device, measure: Callable[[Work
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda if available, else mps, else cpu. An explicit device must exist here.
-    Raises SampleError naming the device otherwise."""
+    Raises OptionError naming the device otherwise."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -270,16 +270,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise SampleError(f"--device {name!r} is not a device name ({err})") from err
+        raise OptionError(f"--device {name!r} is not a device name ({err})") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SampleError(f"--device {name}: CUDA is not available on this machine")
+            raise OptionError(f"--device {name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SampleError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise OptionError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise SampleError(f"--device {name}: MPS is not available on this machine")
+        raise OptionError(f"--device {name}: MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise SampleError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
+        raise OptionError(f"--device {name}: choose auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -312,9 +312,9 @@ def resolve_dtype(name: str, device: torch.device, workload: Workload | None = N
     at `workload` (measured on a CPU, see `bf16_speed`; CUDA with bf16 support), else float32.
     workload: the model's (default: decoding at GPT-2 124M's shape). log, when given, receives
     what auto chose and why, or a warning for an explicit bfloat16 that measured slower.
-    bf16 where it does not run at all raises SampleError rather than quietly running in float32."""
+    bf16 where it does not run at all raises OptionError rather than quietly running in float32."""
     if name not in DTYPES:
-        raise SampleError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+        raise OptionError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
     workload = workload or Workload("decode", 768, 12, 50257)
     log = log or (lambda message: None)
     if name == "auto":
@@ -323,7 +323,7 @@ def resolve_dtype(name: str, device: torch.device, workload: Workload | None = N
         return torch.bfloat16 if bf16 else torch.float32
     if name == "bfloat16":
         if not bf16_works(device):
-            raise SampleError(f"--dtype bfloat16 is not supported on {device}; use --dtype float32")
+            raise OptionError(f"--dtype bfloat16 is not supported on {device}; use --dtype float32")
         warning = _slower_warning("--dtype bfloat16", device, workload)
         if warning:
             log(warning)

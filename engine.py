@@ -44,6 +44,15 @@ FINISH_LENGTH = "length"  # reached max_tokens
 FINISH_CANCELLED = "cancelled"  # Engine.cancel
 
 
+class SamplingError(ValueError):
+    """A sampling setting outside its range. `setting` is its SamplingParams field name; the
+    message starts with it ("top_p must be in (0, 1] ...")."""
+
+    def __init__(self, setting: str, rule: str):
+        super().__init__(f"{setting} {rule}")
+        self.setting, self.rule = setting, rule
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is generated.
@@ -58,7 +67,8 @@ class SamplingParams:
     logprobs: None, or N >= 0: with every token, its log-probability under the model (before
         temperature and filtering) and the N most likely alternatives.
     prompt_logprobs: also give the prompt's tokens' log-probabilities (and N alternatives).
-    Raises ValueError naming a setting outside its range.
+    Raises SamplingError (a ValueError) naming a setting outside its range; these checks are the
+    only ones: sample.py and serve.py pass on what they raise.
     """
 
     max_tokens: int = 16
@@ -72,17 +82,17 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise SamplingError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise SamplingError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+            raise SamplingError("top_k", f"must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+            raise SamplingError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_logprobs and self.logprobs is None:
-            raise ValueError("prompt_logprobs needs logprobs (how many alternatives per token)")
+            raise SamplingError("prompt_logprobs", "needs logprobs (how many alternatives per token)")
 
     @property
     def filtered(self) -> bool:

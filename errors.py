@@ -8,6 +8,7 @@ is not a `UserError`: it exits 1, so scripts can tell "fix your input" from "the
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -32,8 +33,9 @@ class CheckpointError(UserError):
     """A checkpoint or GPT-2 directory that is missing, damaged or does not fit the run."""
 
 
-class SampleError(UserError):
-    """A sample.py or eval.py option: prompt, device, dtype."""
+class OptionError(UserError):
+    """An option of a command that runs a model (sample.py, eval.py, serve.py): the prompt, the
+    device, the dtype."""
 
 
 class ServeError(UserError):
@@ -64,3 +66,16 @@ def exit_status(command: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def read_user_text(path: str | Path, what: str, error: type[UserError]) -> str:
+    """The UTF-8 text of a file the user named; `what` says which (e.g. "prompt file"). Raises
+    `error` naming it and the path when the file does not exist, is not UTF-8 or cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror}") from None

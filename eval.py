@@ -38,9 +38,7 @@ TASKS = ("val", "hellaswag")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a GPT-2 checkpoint: val loss or zero-shot HellaSwag.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a training out_dir (its newest loadable checkpoint), a checkpoint directory, "
-                        "or a Hugging Face GPT-2 directory")
+    checkpoints.add_model_args(p)
     p.add_argument("--task", required=True, choices=TASKS,
                    help="val: loss over the val shards of --data; hellaswag: zero-shot accuracy on --data")
     p.add_argument("--data", required=True,
@@ -50,10 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--block_size", type=int, default=None,
                    help="val: tokens per window (default: the run's training block_size, else the model's context)")
-    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
-                   help="auto: bf16 where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
-                        "timed against float32 at this model's shapes), float32 elsewhere")
     p.add_argument("--out", default=None, help="write the figures to this JSON file (or /dev/stdout)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
     args = p.parse_args(argv)
@@ -166,15 +160,10 @@ def evaluate_hellaswag(model, args, device, dtype) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     check_out(args)
-    device = devices.resolve_device(args.device)
-    directory, _, model = checkpoints.load_latest(
-        args.checkpoint, checkpoints.load_model, need_state=False, warn=lambda msg: print(msg, file=sys.stderr))
-    model = model.to(device).eval()
     # scoring runs whole sequences through the model: batched matmuls, as in training
-    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of("batched", model.config),
-                                  log=lambda message: print(message, file=sys.stderr))
-    print(f"loaded {directory}: {model.num_params() / 1e6:.2f}M parameters; {device}, "
-          f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    loaded = checkpoints.load_for_inference(args, "batched")
+    print(loaded.describe(), file=sys.stderr)
+    model, directory, device, dtype = loaded.model, loaded.directory, loaded.device, loaded.dtype
     if args.task == "val":
         figures = evaluate_val(model, directory, args, device, dtype)
     else:

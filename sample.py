@@ -5,8 +5,8 @@
         --top_p 0.95 --seed 7 --stream
 
 --checkpoint is a training out_dir (its latest checkpoint), one checkpoint directory
-(out_dir/ckpt/step_XXXXXXX) or a Hugging Face GPT-2 directory; checkpoints.load_latest resolves
-and loads it (a damaged newest checkpoint is skipped with a warning), so the model's shape is
+(out_dir/ckpt/step_XXXXXXX) or a Hugging Face GPT-2 directory; checkpoints.load_for_inference
+resolves and loads it (a damaged newest checkpoint is skipped with a warning), so the model's shape is
 whatever the weights say.
 
 stdout holds only the samples, each followed by a separator line; everything else (what was
@@ -22,18 +22,16 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
 import time
-from pathlib import Path
 
-import torch
 
 import checkpoints
-import devices
-from engine import Engine, SamplingParams
-from errors import SampleError, exit_status
+from engine import Engine, SamplingError, SamplingParams
+from errors import OptionError, exit_status, read_user_text
 from model import GPT
 from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
 
@@ -50,9 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Out-of-range numbers exit with status 2 through argparse, naming the option.
     """
     p = argparse.ArgumentParser(description="Generate text from a GPT-2 checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a training out_dir (its latest checkpoint), a checkpoint directory, "
-                        "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    checkpoints.add_model_args(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text to continue (default: <|endoftext|> alone)")
     prompt.add_argument("--prompt_file", default=None, help="a UTF-8 file whose text to continue")
@@ -66,39 +62,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--stop_at_eot", action="store_true",
                    help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
-    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=devices.DTYPES,
-                   help="auto: bf16 autocast where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
-                        "timed against float32 at this model's decoding shapes), float32 elsewhere")
     args = p.parse_args(argv)
 
     if args.num_samples < 1:
         p.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         p.error(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also refuses nan
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top_k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         p.error(f"--seed must be in [0, 2**64), got {args.seed}")
+    # The sampling settings are checked where they are defined; the options carry their names.
+    # (--max_new_tokens 0 prints the prompts alone: the engine never sees it.)
+    try:
+        args.params = SamplingParams(max_tokens=max(args.max_new_tokens, 1), temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                     stop_token_ids=(EOT_TOKEN,) if args.stop_at_eot else ())
+    except SamplingError as err:
+        p.error(f"--{err}")
     return args
 
 
 # ---------------------------------------------------------------- model, prompt
-
-
-def load_model(checkpoint: str, device: torch.device) -> tuple[GPT, Path]:
-    """Load --checkpoint: a GPT-2 directory, a checkpoint, or a run's newest loadable checkpoint.
-
-    Returns the model (eval mode, on device) and the directory it came from.
-    Raises CheckpointError naming the path when nothing loadable is there or the files are broken.
-    """
-    directory, _, model = checkpoints.load_latest(
-        checkpoint, checkpoints.load_model, need_state=False, warn=lambda msg: print(msg, file=sys.stderr))
-    return model.to(device).eval(), directory
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None, enc) -> tuple[list[int], bool]:
@@ -106,24 +89,16 @@ def read_prompt(prompt: str | None, prompt_file: str | None, enc) -> tuple[list[
 
     No prompt at all starts from <|endoftext|> (a document boundary), which is not printed.
     Text is encoded with encode_ordinary, so "<|endoftext|>" typed in a prompt is plain text.
-    Raises SampleError for an empty prompt or an unreadable prompt file.
+    Raises OptionError for an empty prompt or an unreadable prompt file.
     """
     if prompt_file is not None:
-        path = Path(prompt_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as err:
-            raise SampleError(f"prompt file {path} does not exist") from err
-        except UnicodeDecodeError as err:
-            raise SampleError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-        except OSError as err:
-            raise SampleError(f"cannot read prompt file {path}: {err.strerror}") from err
+        text = read_user_text(prompt_file, "prompt file", OptionError)
         if not text:
-            raise SampleError(f"prompt file {path} is empty; leave out --prompt_file to start from <|endoftext|>")
+            raise OptionError(f"prompt file {prompt_file} is empty; leave out --prompt_file to start from <|endoftext|>")
     elif prompt is not None:
         text = prompt
         if not text:
-            raise SampleError("--prompt is empty; leave it out to start from <|endoftext|>")
+            raise OptionError("--prompt is empty; leave it out to start from <|endoftext|>")
     else:
         return [EOT_TOKEN], False
     return enc.encode_ordinary(text), True
@@ -131,7 +106,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None, enc) -> tuple[list[
 
 def fit_prompt(ids: list[int], model: GPT) -> list[int]:
     """Check the prompt against the model: crop it to the last block_size tokens (with a warning
-    on stderr); raise SampleError if it holds an id the model's vocabulary lacks."""
+    on stderr); raise OptionError if it holds an id the model's vocabulary lacks."""
     block_size, vocab_size = model.config.block_size, model.config.vocab_size
     if len(ids) > block_size:
         print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context "
@@ -139,7 +114,7 @@ def fit_prompt(ids: list[int], model: GPT) -> list[int]:
         ids = ids[-block_size:]
     too_big = [i for i in ids if i >= vocab_size]
     if too_big:
-        raise SampleError(f"prompt token id {too_big[0]} is outside the model's vocabulary (vocab_size={vocab_size})")
+        raise OptionError(f"prompt token id {too_big[0]} is outside the model's vocabulary (vocab_size={vocab_size})")
     return ids
 
 
@@ -148,16 +123,11 @@ def fit_prompt(ids: list[int], model: GPT) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     """Load, encode, generate args.num_samples samples to stdout; report speed on stderr."""
-    device = devices.resolve_device(args.device)
     enc = gpt2_tokenizer()
     prompt_ids, show_prompt = read_prompt(args.prompt, args.prompt_file, enc)
-    model, directory = load_model(args.checkpoint, device)
-    cfg = model.config
-    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of("decode", cfg),
-                                  log=lambda message: print(message, file=sys.stderr))
-    print(f"loaded {directory}: {model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
-          f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, "
-          f"vocab_size={cfg.vocab_size}; {device}, {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    loaded = checkpoints.load_for_inference(args, "decode")
+    print(loaded.describe(), file=sys.stderr)
+    model, dtype, cfg = loaded.model, loaded.dtype, loaded.model.config
     prompt_ids = fit_prompt(prompt_ids, model)
     seed = args.seed
     if seed is None:
@@ -193,8 +163,7 @@ def run(args: argparse.Namespace) -> None:
 
     engine = Engine(model, max_batch=min(args.num_samples, MAX_BATCH), dtype=dtype, context_shift=True,
                     vocab_limit=enc.n_vocab if cfg.vocab_size > enc.n_vocab else None)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=seed, stop_token_ids=(EOT_TOKEN,) if args.stop_at_eot else ())
+    params = dataclasses.replace(args.params, seed=seed)
     n_tokens, start = 0, time.perf_counter()
     for (_, i), _, event in engine.stream([prompt_ids], params, n=args.num_samples):
         if event.token is not None:

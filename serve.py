@@ -44,10 +44,9 @@ from pathlib import Path
 
 import torch
 
-import devices
-from engine import FINISH_CANCELLED, FINISH_LENGTH, Engine, Output, SamplingParams
+import checkpoints
+from engine import FINISH_CANCELLED, FINISH_LENGTH, Engine, Output, SamplingError, SamplingParams
 from errors import ServeError, exit_status
-from sample import load_model
 from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
 
 try:  # the optional `serve` extra; run() says how to install it when it is missing
@@ -123,8 +122,6 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
             raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
     prompts = _prompts(body.get("prompt"), enc, vocab_size)
     max_tokens = _check_type(body, "max_tokens", (int,), "an integer >= 1", DEFAULT_MAX_TOKENS)
-    if max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be an integer >= 1, got {max_tokens}", "max_tokens")
     for ids in prompts:
         if len(ids) + max_tokens > block_size:
             raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
@@ -132,11 +129,9 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
                                 f"completion). Please reduce your prompt; or completion length.",
                            "max_tokens", "context_length_exceeded")
     temperature = _check_type(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
-    if not 0 <= temperature <= 2:
+    if not 0 <= temperature <= 2:  # OpenAI's range, narrower than the engine's
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
     top_p = _check_type(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
-    if not 0 < top_p <= 1:
-        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
     top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off)", 0)
     if top_k < -1:
         raise APIError(400, f"'top_k' must be >= 1, or -1 or 0 for off, got {top_k}", "top_k")
@@ -156,10 +151,13 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
     echo = _check_type(body, "echo", (bool,), "a boolean", False)
     options = _check_type(body, "stream_options", (dict,), "an object", {})
     include_usage = bool(options.get("include_usage", False))
-    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k if top_k > 0 else None,
-                            top_p=float(top_p) if top_p < 1 else None, seed=seed,
-                            stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
-                            logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    try:  # the engine's ranges are checked once, in SamplingParams
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
+                                top_k=top_k if top_k > 0 else None, top_p=float(top_p) if top_p != 1 else None,
+                                seed=seed, stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
+                                logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+    except SamplingError as err:
+        raise APIError(400, f"'{err.setting}' {err.rule}", err.setting) from None
     return CompletionRequest(prompts, params, n, stop, stream, echo, include_usage)
 
 
@@ -531,8 +529,9 @@ class _Run:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a GPT-2 checkpoint over OpenAI's completions API.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a training out_dir (its latest checkpoint), a checkpoint directory, or a GPT-2 directory")
+    checkpoints.add_model_args(p, dtype_default="float32",
+                               dtype_help="float32 (default: the same tokens as transformers' fp32 greedy decode), "
+                                          "bfloat16, or auto (bf16 where it is clearly faster at this model's shapes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model_name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
@@ -542,10 +541,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}; unset: none)")
     p.add_argument("--shutdown_timeout", type=float, default=10.0,
                    help="seconds running requests may take to finish after SIGTERM before they are cancelled")
-    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=devices.DTYPES,
-                   help="float32 (default: the same tokens as transformers' fp32 greedy decode), bfloat16, or "
-                        "auto (bf16 where native)")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
@@ -562,8 +557,6 @@ def run(args: argparse.Namespace) -> None:
     if _MISSING_EXTRA is not None:
         raise ServeError(f"serve.py needs the serve extra ({_MISSING_EXTRA.name} is missing): "
                          f"pip install -e \".[serve]\"")
-    device = devices.resolve_device(args.device)
-    dtype = devices.resolve_dtype(args.dtype, device)
     with socket.socket() as probe:  # say so now, not after loading the model
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -571,11 +564,12 @@ def run(args: argparse.Namespace) -> None:
         except OSError as err:
             raise ServeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     enc = gpt2_tokenizer()
-    model, directory = load_model(args.checkpoint, device)
+    loaded = checkpoints.load_for_inference(args, "decode")
+    model, device, dtype = loaded.model, loaded.device, loaded.dtype
     name = args.model_name or Path(args.checkpoint).resolve().name
     server = Server(model, name, enc, args.max_batch, args.max_queue, dtype, args.api_key)
     cfg = model.config
-    print(f"serving {directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
+    print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
           f"{device}, {str(dtype).removeprefix('torch.')}, max_batch={args.max_batch}, max_queue={args.max_queue}"
           f"{', API key required' if args.api_key else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",

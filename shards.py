@@ -8,20 +8,27 @@ unchanged and ours train there:
 
 Files are named `{split}_{index:06d}.bin` (e.g. train_000000.bin, val_000000.bin); a reader
 also takes a prefix (`fineweb_train_000001.bin`, as llm.c and modded-nanogpt name theirs).
-While prepare_data.py writes a directory, the file `prepare_data.incomplete` marks it unfinished;
-`list_shards` refuses such a directory, so a killed run's partial shards are never trained on.
+A data directory holds the shards of both splits and meta.json. `ShardDir` owns writing one:
+it locks it, decides which files are this tool's own (derived from `shard_name`), removes an
+earlier run's with --overwrite and nothing else, and while it writes keeps the file
+`prepare_data.incomplete` there; `list_shards` refuses such a directory, so a killed run's
+partial shards are never trained on. A failed or interrupted run removes what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 import atomic
-from errors import ShardError
+from errors import DataError, ShardError
 
 if TYPE_CHECKING:  # torch is imported where batches are made: prepare_data.py never needs it
     import torch
@@ -32,10 +39,17 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")  # uint16, little-endian
 INCOMPLETE_MARKER = "prepare_data.incomplete"  # present while a data directory is being written
+META_FILE = "meta.json"  # written last: what the directory holds (prepare_data.py fills it)
+SPLITS = ("train", "val")
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
+
+
+def format_description() -> dict:
+    """The shard format as meta.json records it."""
+    return {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "token_dtype": "uint16"}
 
 
 def shard_pattern(split: str) -> re.Pattern:
@@ -174,6 +188,109 @@ class ShardWriter:
         if self.filled:
             self._flush()
         return self.paths
+
+
+def is_own_file(name: str) -> bool:
+    """Whether a file name in a data directory is one ShardDir writes (and may replace with
+    overwrite): a shard as `shard_name` spells it, meta.json, the marker, or one of their
+    temporaries."""
+    name = name.removesuffix(atomic.TMP_SUFFIX)
+    if name in (META_FILE, INCOMPLETE_MARKER):
+        return True
+    split, _, rest = name.rpartition("_")
+    index = rest.removesuffix(".bin")
+    return split in SPLITS and index.isdigit() and name == shard_name(split, int(index))
+
+
+class ShardDir:
+    """The data directory prepare_data.py writes, owned for one run.
+
+        with ShardDir(out, overwrite) as shard_dir:   # locked, and checked (see `check`)
+            ... read the first document (an error here leaves out untouched) ...
+            with shard_dir.writing():                 # earlier files cleared, marker written
+                ... shard_dir.writer("train", n) ... shard_dir.publish(meta)
+
+    Raises DataError (naming --out) for a directory that cannot be used; see `check`.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool):
+        self.path, self.overwrite = Path(path), overwrite
+        self.lock: atomic.DirLock | None = None
+
+    def __enter__(self) -> "ShardDir":
+        self.lock = atomic.lock_dir(self.path, DataError, "--out")  # one writer at a time, held until the end
+        try:
+            self.check()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def _entries(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name != atomic.LOCK_FILE)
+
+    def check(self) -> None:
+        """Raises DataError if the directory is not empty and overwrite is off, or (with it) holds
+        files a reader would take as shards that this tool did not write."""
+        entries = self._entries()
+        if entries and not self.overwrite:
+            unfinished = " (an interrupted earlier run)" if INCOMPLETE_MARKER in entries else ""
+            raise DataError(f"--out {self.path} is not empty{unfinished}: {len(entries)} entries, e.g. "
+                            f"{', '.join(entries[:3])}; pass --overwrite to replace this tool's shards and "
+                            "meta.json there, or choose another --out")
+        patterns = [shard_pattern(split) for split in SPLITS]
+        foreign = [name for name in entries if not is_own_file(name) and any(p.fullmatch(name) for p in patterns)]
+        if foreign:
+            raise DataError(f"--out {self.path} holds {len(foreign)} shard-named files this tool did not write "
+                            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); train.py would read "
+                            "them with the new shards. Move them away or choose another --out; nothing was changed")
+
+    def _remove_own_files(self) -> list[str]:
+        removed = []
+        for path in sorted(self.path.iterdir()):
+            if path.is_file() and is_own_file(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["ShardDir"]:
+        """Remove an earlier run's files (reported on stderr, with what else is left in place),
+        mark the directory unfinished, and yield. If the block fails or is interrupted, every
+        file of this run is removed again (shards, temporaries, marker, a meta.json)."""
+        removed = self._remove_own_files()
+        if removed:
+            print(f"removed {len(removed)} files of an earlier run from {self.path}", file=sys.stderr)
+        kept = self._entries()
+        if kept:
+            print(f"warning: {self.path} also holds {len(kept)} entries this tool did not write, left in place: "
+                  f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
+        atomic.write_text(self.path / INCOMPLETE_MARKER,
+                          f"prepare_data.py started writing {self.path} at {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          f"(pid {os.getpid()}). If it is no longer running, it was interrupted: run it again "
+                          "with --overwrite.\n")
+        try:
+            yield self
+        except BaseException:
+            # The earlier run's files went above, so every own file here now is this run's
+            # (also a shard published a moment before the interruption).
+            self._remove_own_files()
+            raise
+
+    def writer(self, split: str, shard_tokens: int) -> "ShardWriter":
+        return ShardWriter(self.path, split, shard_tokens)
+
+    def publish(self, meta: dict) -> Path:
+        """Write meta.json (atomically), then remove the marker: the directory is complete.
+        Returns meta.json's path."""
+        path = self.path / META_FILE
+        atomic.write_json(path, meta)
+        (self.path / INCOMPLETE_MARKER).unlink()
+        atomic.fsync_dir(self.path)
+        return path
 
 
 class ShardLoader:

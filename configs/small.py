@@ -16,16 +16,14 @@ dropout = 0.0  # less than one epoch is seen: nothing to regularise against
 
 micro_batch_size = 8
 grad_accum_steps = 1  # 1,024 tokens per step: with this little compute, more small steps learn faster
-max_steps = 1450  # ~1.48M tokens, 98% of the corpus: val loss 5.21 at 600 steps, 4.94 at 1,200, 4.85 at 1,500
+max_steps = 1450  # ~1.48M tokens, 98% of the corpus: one pass, no token seen twice (the curve: docs/benchmarks.md)
 warmup_steps = 50
-learning_rate = 1.5e-3  # small models take a high peak rate (3e-3 diverged less gracefully: 5.37 at 600 steps)
+learning_rate = 1.5e-3  # small models take a high peak rate; twice this diverged less gracefully (docs/benchmarks.md)
 min_lr = 1.5e-4
 weight_decay = 0.1
 grad_clip = 1.0
-# optimizer = "adamw" (the default) is kept. Muon for the blocks' matrices was measured against it in
-# 300-step runs of this config on a shared CPU (docs/benchmarks.md, "Optimizer: AdamW against Muon"): val loss at
-# step 100 with muon_lr 1.5e-3 / 3e-3 / 6e-3: 5.88 / 5.80 / 5.79 against AdamW's 6.02; at step 300,
-# muon_lr=1.5e-3 5.32, 6e-3 5.24, AdamW 5.48. The full 1,450-step run with Muon was not measured.
+# optimizer = "adamw" (the default) is kept: Muon for the blocks' matrices led in 300-step runs of this
+# config (docs/benchmarks.md, AdamW against Muon), but the full 1,450-step run with Muon was not measured.
 
 eval_interval = 200
 eval_steps = 8  # 8 x 8 x 128 = 8K val tokens: a stable estimate in about a second

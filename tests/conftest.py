@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import atomic
+import checkpoints
 from shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,21 @@ def data_dir(tmp_path_factory):
 def tiny_args(data_dir, out_dir, *extra) -> list[str]:
     """configs/tiny.py on the Markov corpus, as command-line arguments of train.py."""
     return [TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--vocab_size={VOCAB}", *extra]
+
+
+def latest(path) -> Path:
+    """The checkpoint directory `path` stands for that a reader tries first (see checkpoints.candidates)."""
+    return checkpoints.candidates(path)[0]
+
+
+def save_weights(out_dir, step: int, model, meta: dict | None = None) -> Path:
+    """Publish a checkpoint out_dir/ckpt/step_N with weights and meta.json but no training state, as
+    a model made outside train.py would be saved for sample.py, eval.py and serve.py. Returns it."""
+    tmp, final = checkpoints.tmp_dir(out_dir, step), checkpoints.step_dir(out_dir, step)
+    with atomic.building_dir(final, tmp):
+        model.save_pretrained(tmp)
+        checkpoints.finish(tmp, final, {"step": step, **(meta or {})})
+    return final
 
 
 def env() -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import checkpoints
-from conftest import failure, tiny_args, torchrun
+from conftest import failure, latest, tiny_args, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate runs FSDP only on GPUs")
 
@@ -34,10 +34,10 @@ def test_fsdp_trains_saves_gpt2_weights_and_resumes(data_dir, tmp_path):
     first = torchrun_fsdp(tiny_args(data_dir, out, "--max_steps=4", *common))
     assert first.returncode == 0, failure(first)
     assert "FSDP over nccl, 1 processes on cuda" in first.stdout
-    ckpt = checkpoints.latest(out)
+    ckpt = latest(out)
     model = checkpoints.load_model(ckpt)  # the gathered full weights, in GPT-2's HF layout
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     second = torchrun_fsdp(tiny_args(data_dir, out, "--max_steps=6", "--init_from=resume", *common))
     assert second.returncode == 0, failure(second)
     assert f"resumed from {ckpt} at step 4" in second.stdout
-    assert json.loads((checkpoints.latest(out) / "meta.json").read_text())["step"] == 6
+    assert json.loads((latest(out) / "meta.json").read_text())["step"] == 6

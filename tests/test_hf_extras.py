@@ -8,14 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState
 
 import checkpoints
 import hf_extras
 import sample
 import train
-from conftest import TINY, assert_one_line_error, run_command
+from conftest import TINY, assert_one_line_error, latest, run_command
 from engine import Engine, SamplingParams
 from model import GPT, GPTConfig
 from prepare_data import read_shakespeare, shakespeare_play_files
@@ -58,7 +57,7 @@ def run(tmp_path_factory):
 
 
 def test_checkpoint_holds_listed_tokenizer_generation_config_and_card(run):
-    ckpt = checkpoints.latest(run)
+    ckpt = latest(run)
     meta = checkpoints.verify(ckpt, need_state=True)
     for name in EXTRAS:
         assert (ckpt / name).is_file(), name
@@ -87,7 +86,7 @@ def test_autotokenizer_encodes_as_tiktoken(run, tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    ckpt = checkpoints.latest(run)
+    ckpt = latest(run)
     enc = gpt2_tokenizer()
     plays, _ = shakespeare_play_files()
     texts = [*read_shakespeare(plays[:2]), *AWKWARD]
@@ -116,7 +115,7 @@ def test_autotokenizer_encodes_as_tiktoken(run, tmp_path):
 def test_pipeline_generates_what_our_model_generates(run):
     from transformers import pipeline
 
-    ckpt = checkpoints.latest(run)
+    ckpt = latest(run)
     generator = pipeline("text-generation", model=str(ckpt), device="cpu")
     hf_text = generator("ROMEO: But soft", max_new_tokens=8, do_sample=False)[0]["generated_text"]
 
@@ -136,7 +135,8 @@ def test_damaged_tokenizer_file_falls_back_to_the_older_checkpoint(run, tmp_path
 
     with pytest.raises(checkpoints.CheckpointError, match="tokenizer.json"):
         checkpoints.verify(newest, need_state=False)
-    _, directory = sample.load_model(str(copy), torch.device("cpu"))
+    directory = checkpoints.load_for_inference(sample.parse_args(["--checkpoint", str(copy), "--device", "cpu",
+                                                                  "--dtype", "float32"]), "decode").directory
     assert directory == older
     assert f"skipping damaged checkpoint {newest}" in capsys.readouterr().err
 
@@ -146,7 +146,7 @@ def test_checkpoint_without_the_extras_still_loads_and_resumes(run, tmp_path):
     and the resumed run's checkpoints have them."""
     copy = tmp_path / "out"
     shutil.copytree(run, copy)
-    newest = checkpoints.latest(copy)
+    newest = latest(copy)
     meta = json.loads((newest / "meta.json").read_text())
     for name in EXTRAS:
         (newest / name).unlink()
@@ -154,13 +154,14 @@ def test_checkpoint_without_the_extras_still_loads_and_resumes(run, tmp_path):
         meta["sha256"].pop(name)  # as a checkpoint saved before these files existed lists them
     (newest / "meta.json").write_text(json.dumps(meta))
 
-    _, directory = sample.load_model(str(copy), torch.device("cpu"))
+    directory = checkpoints.load_for_inference(sample.parse_args(["--checkpoint", str(copy), "--device", "cpu",
+                                                                  "--dtype", "float32"]), "decode").directory
     assert directory == newest
     data_dir = json.loads((newest / "train_config.json").read_text())["data_dir"]
     train.main([TINY, f"--data_dir={data_dir}", f"--out_dir={copy}", "--init_from=resume", "--max_steps=6",
                 "--warmup_steps=1", "--block_size=32", "--micro_batch_size=2", "--grad_accum_steps=1",
                 "--eval_interval=2", "--eval_steps=1", "--log_interval=1", "--ckpt_interval=2"])
-    resumed = checkpoints.latest(copy)
+    resumed = latest(copy)
     assert resumed.name == "step_0000006"
     assert all((resumed / name).is_file() for name in EXTRAS)
 

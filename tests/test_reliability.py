@@ -24,7 +24,7 @@ import atomic
 import checkpoints
 import conftest
 import train
-from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, run_command, tiny_args, wait_until
+from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, tiny_args, wait_until
 from errors import ConfigError, DivergenceError, ShardError
 from shards import write_shard
 
@@ -163,7 +163,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(data_dir, tmp_path, capsys,
     assert "step_0000004" in warning and named in warning
     assert f"resumed from {checkpoints.step_dir(out, 2)} at step 2" in printed
     assert losses(out) == straight_losses, "steps 3-6 repeat the straight run exactly"
-    assert checkpoints.latest(out) == checkpoints.step_dir(out, 6) and all_finite(checkpoints.step_dir(out, 6))
+    assert latest(out) == checkpoints.step_dir(out, 6) and all_finite(checkpoints.step_dir(out, 6))
 
 
 def test_resume_with_no_loadable_checkpoint_is_one_line(data_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
+from conftest import save_weights
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream, main, parse_args
 from tokenizer import EOT_TOKEN, gpt2_tokenizer
@@ -34,8 +34,8 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     tiny_model(0).save_pretrained(root / "hf")
     out_dir = root / "run"
-    checkpoints.save_weights(out_dir, 2, tiny_model(1))  # older: must not be picked
-    checkpoints.save_weights(out_dir, 5, tiny_model(2))
+    save_weights(out_dir, 2, tiny_model(1))  # older: must not be picked
+    save_weights(out_dir, 5, tiny_model(2))
     return {"hf": root / "hf", "run": out_dir, "step": out_dir / "ckpt" / "step_0000005"}
 
 

@@ -21,8 +21,7 @@ import openai
 import pytest
 import torch
 
-import checkpoints
-from conftest import ROOT, env, wait_until
+from conftest import ROOT, env, save_weights, wait_until
 from model import GPT, GPTConfig
 from tokenizer import gpt2_tokenizer
 
@@ -52,7 +51,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve") / NAME
-    ckpt = checkpoints.save_weights(run_dir, 1, tiny_model())
+    ckpt = save_weights(run_dir, 1, tiny_model())
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--port", str(port),
                              "--max_batch", str(MAX_BATCH), "--max_queue", str(MAX_QUEUE), "--shutdown_timeout", "5"],

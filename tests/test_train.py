@@ -15,14 +15,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-import checkpoints
 import train
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
 from errors import DivergenceError
 from train import ConfigError, TrainConfig, accumulate_gradients, load_config, lr_at, param_groups, with_derived
 
-from conftest import ROOT, VOCAB, env as _env, failure, tiny_args, torchrun
+from conftest import ROOT, VOCAB, env as _env, failure, latest, tiny_args, torchrun
 
 
 def read_log(out_dir):
@@ -173,7 +172,7 @@ def test_loss_falls_on_tiny_config(data_dir, tmp_path):
     effective = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert effective["max_steps"] == 120 and effective["tokens_per_step"] == 512
     # the final checkpoint is a GPT-2 directory holding the trained weights
-    ckpt = checkpoints.latest(tmp_path / "run")
+    ckpt = latest(tmp_path / "run")
     assert ckpt.name == "step_0000120"
     reloaded = GPT.from_pretrained(ckpt)
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
@@ -287,7 +286,7 @@ def test_sigterm_saves_a_loadable_checkpoint(data_dir, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert "stopped by SIGTERM" in output and "--init_from=resume" in output
-    ckpt = checkpoints.latest(out)
+    ckpt = latest(out)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] >= 1 and ckpt.name == f"step_{meta['step']:07d}"
     GPT.from_pretrained(ckpt)  # loads: complete, not half-written
@@ -313,7 +312,7 @@ def test_compiled_run_saves_plain_gpt2_weights_and_resumes(data_dir, tmp_path):
 
     common = ["--compile=true", "--lr_decay_steps=6", "--eval_steps=1"]
     model, _ = train.main(tiny_args(data_dir, tmp_path / "run", "--max_steps=2", *common))
-    ckpt = checkpoints.latest(tmp_path / "run")
+    ckpt = latest(tmp_path / "run")
     assert not [k for k in load_file(ckpt / "model.safetensors") if "_orig_mod" in k]
     reloaded = GPT.from_pretrained(ckpt)
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
