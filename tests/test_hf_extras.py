@@ -5,7 +5,6 @@ One short training run on real GPT-2 tokens (configs/tiny.py, 4 steps) serves ev
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState

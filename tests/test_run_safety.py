@@ -20,7 +20,7 @@ import atomic
 import checkpoints
 import prepare_data
 import train
-from conftest import ROOT, VOCAB, assert_one_line_error, env, run_command, tiny_args, wait_until
+from conftest import ROOT, assert_one_line_error, env, run_command, tiny_args, wait_until
 from errors import ConfigError, DataError, DivergenceError
 
 
