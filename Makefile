@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	mkdir -p $@
 	if [ -d "$(SHARED_TIKTOKEN)" ]; then cp "$(SHARED_TIKTOKEN)"/* $@/; fi
 
+# Two workers (pytest-xdist), each test file on one of them: most tests train on one thread, and a
+# file's module fixtures (one server, one training run) are built once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Prepare the built-in corpus once (meta.json is written last, so its absence means "not done"),
 # train configs/small.py, plot the losses, print three samples.
