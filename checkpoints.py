@@ -38,15 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+import torch
+
 import atomic
 import devices
-from errors import CheckpointError
+from errors import CheckpointError, OptionError
 from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
 from hf_weights import WEIGHT_FILES
 
 if TYPE_CHECKING:
-    import torch
-
     from model import GPT
 
 CKPT_SUBDIR = "ckpt"
@@ -292,30 +292,37 @@ def check_config(directory: Path) -> None:
 
 AUTO_DTYPE_HELP = ("auto: bf16 where it is clearly faster (CUDA with bf16; on a CPU with AVX512-BF16 or AMX, "
                    "timed against float32 at this model's shapes), float32 elsewhere")
+INT8 = "int8"  # a --dtype of the decoding commands: int8 weight-only matmuls, bf16 activations (CPU)
+INT8_HELP = ("; int8: int8 weights (one scale per output row) with bf16 activations, CPU only: the fastest "
+             "batch-1 decoding measured, lossy (docs/benchmarks.md)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "auto", dtype_help: str = AUTO_DTYPE_HELP) -> None:
-    """--checkpoint, --device and --dtype, as every command that runs a model takes them."""
+def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "auto", dtype_help: str = AUTO_DTYPE_HELP,
+                   decoding: bool = False) -> None:
+    """--checkpoint, --device and --dtype, as every command that runs a model takes them;
+    decoding commands (sample, serve) also offer --dtype int8."""
     parser.add_argument("--checkpoint", required=True,
                         help="a training out_dir (its newest loadable checkpoint), a checkpoint directory, "
                              "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default=dtype_default, choices=devices.DTYPES, help=dtype_help)
+    choices = devices.DTYPES + ((INT8,) if decoding else ())
+    parser.add_argument("--dtype", default=dtype_default, choices=choices, help=dtype_help + (INT8_HELP if decoding else ""))
 
 
 @dataclass
 class LoadedModel:
     model: "GPT"  # in eval mode, on `device`
     directory: Path  # the GPT-2 directory or checkpoint it came from
-    device: "torch.device"
-    dtype: "torch.dtype"  # to compute in (autocast); the weights stay float32
+    device: torch.device
+    dtype: torch.dtype  # to compute in (autocast); the weights stay float32
+    weights: str  # how a decoding engine lays out the weights: "float32", "bfloat16" or "int8" (decode_weights.py)
 
     def describe(self) -> str:
         """One line for stderr: where the model came from, its shape, device and dtype."""
         cfg = self.model.config
         return (f"loaded {self.directory}: {self.model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
                 f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, vocab_size={cfg.vocab_size}; "
-                f"{self.device}, {str(self.dtype).removeprefix('torch.')}")
+                f"{self.device}, {self.weights if self.weights == INT8 else str(self.dtype).removeprefix('torch.')}")
 
 
 def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
@@ -328,7 +335,11 @@ def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
         print(message, file=sys.stderr)
 
     device = devices.resolve_device(args.device)
+    if args.dtype == INT8 and device.type != "cpu":
+        raise OptionError(f"--dtype int8 runs on the CPU only (torch's int8 weight-only kernel), not on {device}")
     directory, _, model = load_latest(args.checkpoint, load_model, need_state=False, warn=to_stderr)
     model = model.to(device).eval()
+    if args.dtype == INT8:
+        return LoadedModel(model, directory, device, torch.bfloat16, INT8)
     dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
-    return LoadedModel(model, directory, device, dtype)
+    return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."))

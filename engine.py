@@ -21,14 +21,14 @@ the token is found by inverse-CDF over its probabilities, so a seeded request gi
 tokens whatever else is in the batch. Rows with top-k/top-p sample in sorted order, rows
 without in vocabulary order: which one depends only on the row's own settings.
 
-Precision: the engine computes in the model's weight dtype, or under autocast when `dtype`
-differs from it. For bf16 weights (half the bytes per token), convert the model first
-(`model.to(torch.bfloat16)`); `python bench.py serve` measures both.
+Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
+(`weights`: float32 through the faster of torch's and oneDNN's linear, bfloat16, or int8
+weight-only; decode_weights.py), computing in that copy's dtype. `python bench.py sample`
+measures each against transformers and the memory-bandwidth bound.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections import deque
@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+import decode_weights
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for
 
@@ -272,7 +274,9 @@ class Engine:
 
     model: a model.GPT (put in eval mode; not otherwise changed).
     max_batch: cache slots, i.e. sequences decoded together at most.
-    dtype: compute dtype (default: the weights'); another dtype runs under autocast.
+    weights: None (decode with `model` as it is, in its dtype), or "float32", "bfloat16" or
+        "int8": decode with a copy laid out so (decode_weights.prepare; `weights_description`
+        says which kernel it chose).
     vocab_limit: sample only ids below it (a tokenizer with fewer tokens than a padded vocab).
     context_shift: let a sequence run past block_size by re-reading its last block_size tokens
         at every further step (the positions are absolute, so nothing cached can be kept); without
@@ -281,17 +285,21 @@ class Engine:
     Thread safety: `add` and `cancel` may be called from any thread; `step` (or `run`) from one.
     """
 
-    def __init__(self, model, max_batch: int = 8, dtype: torch.dtype | None = None,
+    def __init__(self, model, max_batch: int = 8, weights: str | None = None,
                  vocab_limit: int | None = None, context_shift: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
         if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
             raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
-        self.model = model.eval()
+        model = model.eval()
+        self.weights_description = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
+        if weights is not None:
+            model, self.weights_description = decode_weights.prepare(model, weights)
+        self.model = model
         weight = model.transformer.wte.weight
         self.device = weight.device
-        self.dtype = dtype or weight.dtype
+        self.dtype = weight.dtype  # activations and the cache
         self.block_size = cfg.block_size
         self.vocab_limit = vocab_limit
         self.context_shift = context_shift
@@ -372,11 +380,10 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
             if cancelled:
                 self._waiting = deque(g for g in self._waiting if not all(s in cancelled for s in g))
-        with self._autocast():
-            self._cancel(cancelled)
-            self._admit()
-            if self.rows:
-                self._decode()
+        self._cancel(cancelled)
+        self._admit()
+        if self.rows:
+            self._decode()
         return bool(self.rows or self._waiting)
 
     def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
@@ -421,11 +428,6 @@ class Engine:
                 self.step()
 
     # ------------------------------------------------------------------ internals
-
-    def _autocast(self):
-        if self.dtype == self.model.transformer.wte.weight.dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _cancel(self, cancelled: set[Sequence]) -> None:
         for seq in cancelled:

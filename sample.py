@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Out-of-range numbers exit with status 2 through argparse, naming the option.
     """
     p = argparse.ArgumentParser(description="Generate text from a GPT-2 checkpoint.")
-    checkpoints.add_model_args(p)
+    checkpoints.add_model_args(p, decoding=True)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text to continue (default: <|endoftext|> alone)")
     prompt.add_argument("--prompt_file", default=None, help="a UTF-8 file whose text to continue")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
     prompt_ids, show_prompt = read_prompt(args.prompt, args.prompt_file, enc)
     loaded = checkpoints.load_for_inference(args, "decode")
     print(loaded.describe(), file=sys.stderr)
-    model, dtype, cfg = loaded.model, loaded.dtype, loaded.model.config
+    model, cfg = loaded.model, loaded.model.config
     prompt_ids = fit_prompt(prompt_ids, model)
     seed = args.seed
     if seed is None:
@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> None:
             out(f"\n{SEPARATOR}\n")
             current += 1
 
-    engine = Engine(model, max_batch=min(args.num_samples, MAX_BATCH), dtype=dtype, context_shift=True,
+    engine = Engine(model, max_batch=min(args.num_samples, MAX_BATCH), weights=loaded.weights, context_shift=True,
                     vocab_limit=enc.n_vocab if cfg.vocab_size > enc.n_vocab else None)
+    print(f"decoding with {engine.weights_description} weights", file=sys.stderr)
     params = dataclasses.replace(args.params, seed=seed)
     n_tokens, start = 0, time.perf_counter()
     for (_, i), _, event in engine.stream([prompt_ids], params, n=args.num_samples):

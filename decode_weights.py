@@ -1,0 +1,145 @@
+"""Weights laid out for decoding: a copy of a GPT whose Linear layers run the fastest kernel
+measured here, for the engine (engine.py) to decode with. The model itself is never changed.
+
+Decoding reads every weight once per step for a handful of rows, so its speed is the speed of
+matrix-vector products, and torch's default CPU path is not always the fast one. Measured on a
+2-core AMD EPYC (Zen 5, family 26; docs/benchmarks.md): torch's fp32 F.linear of one row by
+GPT-2's (50257, 768) head ran on one thread at ~15 GB/s, oneDNN's linear on the same weights
+(reordered once) at twice that; int8 weight-only matmuls read a quarter of fp32's bytes.
+
+    weights    Linear layers                                     activations   output
+    float32    torch's F.linear or oneDNN's, whichever times     float32       the same math:
+               faster at this model's decode shapes (CPU only)                 summation order only
+    bfloat16   torch's F.linear on bf16 weights                  bfloat16      rounded
+    int8       int8 weights with one fp scale per output row     bfloat16      rounded + quantised
+               (symmetric, max |w| / 127), torch's int8
+               weight-only kernel (CPU)
+
+Embeddings and LayerNorms keep their weights (converted to the activation dtype). The output
+head is tied to the token embedding in GPT-2; here it gets its own converted copy, which the
+embedding lookup does not need.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS = ("float32", "bfloat16", "int8")
+FP32_LINEARS = ("auto", "torch", "onednn")
+INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features divisible by this
+TIMED_HEAD_WEIGHTS = 1 << 24  # weights of the timed head at most (64 MB in fp32): past any cache
+TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
+
+_fp32_choice: dict[tuple[int, int], str] = {}  # this process's measurements, by (n_embd, vocab_size)
+
+
+class OneDNNLinear(nn.Module):
+    """A Linear through oneDNN, its weight reordered into oneDNN's layout once. x (..., in) fp32
+    -> (..., out) fp32, equal to F.linear up to summation order."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = linear.weight.detach().float().to_mkldnn()  # (out, in), oneDNN layout
+        self.packed_bias = None if linear.bias is None else linear.bias.detach().float().to_mkldnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.packed_weight, self.packed_bias).to_dense()
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights, one scale per output row (symmetric: the row's largest |w| maps
+    to 127), run by torch's int8 weight-only kernel. x (..., in) bf16 -> (..., out) bf16."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if linear.in_features % INT8_K_MULTIPLE:
+            raise ValueError(f"int8 weights need every Linear's in_features divisible by {INT8_K_MULTIPLE} "
+                             f"(torch's int8 kernel), got {linear.in_features}; use --dtype bfloat16")
+        w = linear.weight.detach().float()  # (out, in)
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight_int8, self.scale)  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+def _time_fastest(call, reps: int = TIMED_REPS) -> float:
+    call()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fp32_linear_choice(n_embd: int, vocab_size: int, n_layer: int) -> str:
+    """"torch" or "onednn": which fp32 Linear decodes faster on this CPU at a model's shapes, timed
+    once per process (a fraction of a second): one row through the head (as large as the real
+    one up to 64 MB) and through a block's MLP matmul, weighted by how often a token runs each.
+    Constant weights: the speed does not depend on the values."""
+    key = (n_embd, vocab_size)
+    if key not in _fp32_choice:
+        seconds = {"torch": 0.0, "onednn": 0.0}
+        with torch.no_grad():
+            for n_out, count in ((min(vocab_size, TIMED_HEAD_WEIGHTS // n_embd), 1), (4 * n_embd, 3 * n_layer)):
+                linear = nn.Linear(n_embd, n_out)
+                nn.init.constant_(linear.weight, 0.01)
+                x = torch.full((1, n_embd), 0.5)
+                packed = OneDNNLinear(linear)
+                seconds["torch"] += count * _time_fastest(lambda: F.linear(x, linear.weight, linear.bias))
+                seconds["onednn"] += count * _time_fastest(lambda: packed(x))
+        _fp32_choice[key] = min(seconds, key=seconds.get)
+    return _fp32_choice[key]
+
+
+def check_weights(weights: str, device: torch.device) -> None:
+    """Raise ValueError for a weights kind that is unknown or does not run on `device`."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "int8" and device.type != "cpu":
+        raise ValueError(f"int8 weights run on the CPU only (torch's int8 weight-only kernel), not on {device.type}")
+
+
+def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[nn.Module, str]:
+    """A decoding copy of `model` (a model.GPT) with `weights` (see the module docstring), in eval
+    mode, sharing nothing it converts with the original. fp32_linear: for float32 on a CPU,
+    "auto" (time both, see fp32_linear_choice), "torch" or "onednn".
+    Returns (the copy, a description of its linear layers, e.g. "float32 via oneDNN").
+    Raises ValueError for an unknown kind or one the device or shape cannot run."""
+    device = next(model.parameters()).device
+    check_weights(weights, device)
+    if fp32_linear not in FP32_LINEARS:
+        raise ValueError(f"fp32_linear must be one of {', '.join(FP32_LINEARS)}, got {fp32_linear!r}")
+    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    # Every parameter converted once (tied ones stay one tensor), everything else deep-copied.
+    memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    decoding = copy.deepcopy(model, memo).eval()
+    layer = None
+    if weights == "int8":
+        layer = lambda linear: Int8Linear(linear, dtype)  # noqa: E731
+    elif weights == "float32" and device.type == "cpu" and torch.backends.mkldnn.is_available():
+        cfg = model.config
+        if fp32_linear == "auto":
+            fp32_linear = fp32_linear_choice(cfg.n_embd, cfg.vocab_size, cfg.n_layer)
+        if fp32_linear == "onednn":
+            layer = OneDNNLinear
+    if layer is not None:
+        for module in list(decoding.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, layer(child))
+    kernel = {OneDNNLinear: "oneDNN", None: "torch"}.get(layer, "torch's int8 weight-only kernel")
+    return decoding, f"{weights} via {kernel}"

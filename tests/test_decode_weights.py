@@ -1,0 +1,117 @@
+"""decode_weights.py: each weight layout's linear against the plain one, the engine's greedy tokens
+with oneDNN fp32 weights equal to torch's, int8's quantisation bound, the model left untouched,
+and sample.py --dtype int8 from the command line. CPU."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import decode_weights
+from decode_weights import Int8Linear, OneDNNLinear, prepare
+from engine import Engine, SamplingParams
+from model import GPT, GPTConfig
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=96)
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    """A tiny fp32 model with spread-out random weights (confident predictions)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_f_linear(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 5, 48)  # (B, T, C), as the blocks call it
+    with torch.no_grad():
+        ours, plain = OneDNNLinear(linear)(x), F.linear(x, linear.weight, linear.bias)
+    assert ours.shape == plain.shape == (3, 5, 80) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_is_the_dequantised_matmul():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    layer = Int8Linear(linear)
+    w = linear.weight.detach()
+    step = w.abs().amax(dim=1, keepdim=True) / 127  # each row's largest |w| maps to 127
+    # Rounding to the nearest of 255 levels: no weight moves by more than half a step.
+    assert ((layer.weight_int8.float() * step - w).abs() <= 0.5 * step * (1 + 1e-5)).all()
+    assert (layer.weight_int8.abs().amax(dim=1) == 127).all()
+    dequantised = layer.weight_int8.float() * layer.scale.float()[:, None]  # the scale the kernel gets (bf16)
+    x = torch.randn(2, 7, 64).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    reference = x.float() @ dequantised.T + linear.bias.detach()
+    assert y.shape == (2, 7, 40) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_refuses_a_width_its_kernel_cannot_run():
+    with pytest.raises(ValueError, match="divisible by 16.*got 24"):
+        prepare(tiny(n_embd=24, n_head=2), "int8")
+    with pytest.raises(ValueError, match="weights must be one of float32, bfloat16, int8, got 'fp8'"):
+        prepare(tiny(), "fp8")
+
+
+def test_prepare_leaves_the_model_alone():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for weights in decode_weights.WEIGHTS:
+        decoding, description = prepare(model, weights)
+        assert description.startswith(weights)
+        assert decoding.transformer.wte.weight.dtype == (torch.float32 if weights == "float32" else torch.bfloat16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert all(isinstance(m, nn.Linear) for m in (model.lm_head, model.transformer.h[0].mlp.c_fc))
+
+
+def test_engine_greedy_tokens_equal_across_fp32_kernels():
+    """oneDNN's fp32 linear is the same math as torch's: the same greedy tokens, through ragged batches."""
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (int(n),), generator=g).tolist() for n in (3, 9, 1, 5)]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    plain = Engine(model, max_batch=3).generate(prompts, params)
+    for kernel in ("torch", "onednn"):
+        decoding, description = prepare(model, "float32", fp32_linear=kernel)
+        assert description == f"float32 via {'oneDNN' if kernel == 'onednn' else 'torch'}"
+        assert isinstance(decoding.lm_head, OneDNNLinear) == (kernel == "onednn")
+        assert Engine(decoding, max_batch=3).generate(prompts, params) == plain
+    engine = Engine(model, max_batch=2, weights="float32")  # "auto": whichever timed faster here
+    assert engine.weights_description in ("float32 via torch", "float32 via oneDNN")
+    assert engine.generate(prompts, params) == plain
+
+
+def test_int8_logits_stay_close_to_fp32():
+    """Quantisation moves the logits a little, not the model: the next-token distributions of a
+    whole sequence stay close to fp32's (KL per token) and mostly share their top token."""
+    model = tiny(n_embd=64, n_head=4)
+    idx = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = torch.log_softmax(model(idx)[0].float(), dim=-1)
+        int8_model, _ = prepare(model, "int8")
+        quantised = torch.log_softmax(int8_model(idx)[0].float(), dim=-1)
+    kl = (reference.exp() * (reference - quantised)).sum(-1).mean()
+    agree = (reference.argmax(-1) == quantised.argmax(-1)).float().mean()
+    assert kl < 0.05, kl
+    assert agree >= 0.8, agree
+
+
+def test_sample_cli_runs_int8(tmp_path, capsys):
+    from sample import main
+
+    tiny(n_embd=32, vocab_size=50257).save_pretrained(tmp_path / "hf")
+    code = main(["--checkpoint", str(tmp_path / "hf"), "--dtype", "int8", "--prompt", "Hello", "--max_new_tokens", "5",
+                 "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "decoding with int8 via torch's int8 weight-only kernel weights" in err
+    assert out.startswith("Hello")
