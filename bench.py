@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -505,13 +506,24 @@ def _shapes(names: str) -> list[tuple[str, dict]]:
     return [known[n.strip()]() for n in names.split(",")]
 
 
+def _agreement(reference, other, ids: list[int]) -> tuple[float, float]:
+    """Teacher-forced over `ids` (one sequence): how often two decoding models' most likely next
+    tokens agree, and the mean KL(reference || other) of their next-token distributions (nats)."""
+    idx = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = torch.log_softmax(reference(idx)[0][0].float(), dim=-1)
+        oth = torch.log_softmax(other(idx)[0][0].float(), dim=-1)
+    top1 = (ref.argmax(-1) == oth.argmax(-1)).float().mean().item()
+    return top1, (ref.exp() * (ref - oth)).sum(-1).mean().item()
+
+
 def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
     """Batch-1 greedy decode tokens/s on engine.Engine against transformers' generate with the same
-    weights, at small.py's shape and GPT-2 124M, fp32; bf16 weights beside them (and for how
-    many tokens their greedy text equals fp32's); and the limit memory bandwidth puts on 124M
-    (each new token reads every matmul weight once)."""
-    import copy
-
+    weights, at small.py's shape and GPT-2 124M: fp32 through torch's linear only, fp32 as the
+    engine lays it out (decode_weights: oneDNN where it times faster), bf16 and int8 weights; how
+    closely bf16 and int8 follow fp32; and the limit memory bandwidth puts on each (every new
+    token reads every matmul weight once)."""
+    from decode_weights import prepare
     from engine import Engine, SamplingParams
 
     print(f"decode benchmark: batch 1, 16-token prompt, up to {new_tokens} new tokens, greedy, "
@@ -519,51 +531,83 @@ def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
     bandwidth = measure_bandwidth()
     print(f"memory bandwidth measured now (sum of a 1 GiB fp32 tensor): {bandwidth / 1e9:.1f} GB/s")
     print_auto_precision("decode", dict(_shapes(shapes)))
-    print("\n| shape | ours fp32 tokens/s | transformers fp32 | ours / theirs | same tokens | ours, bf16 weights | bf16 / fp32 | bf16 greedy = fp32 for |")
-    print("|---|---|---|---|---|---|---|---|")
+    kinds = {"torch fp32": ("float32", "torch"), "fp32": ("float32", "auto"), "bf16": ("bfloat16", "auto"),
+             "int8": ("int8", "auto")}
+    agreement = []
+    print("\n| shape | transformers fp32 | ours, fp32, torch's linear | ours, fp32 | ours / transformers | same tokens "
+          "| ours, bf16 | ours, int8 | bf16 / fp32 | int8 / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, shape in _shapes(shapes):
         ours, hf = _decode_models(shape)
-        low = copy.deepcopy(ours).to(torch.bfloat16)
+        decoding = {k: prepare(ours, w, linear) for k, (w, linear) in kinds.items()}
         prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(1))
         n = min(new_tokens, shape["block_size"] - prompt.size(1))  # transformers stops at the context length
         params = SamplingParams(max_tokens=n, temperature=0.0)
-        engine, engine_bf16 = Engine(ours, max_batch=1), Engine(low, max_batch=1)
         ids = prompt[0].tolist()
-        runs = {"ours": lambda: engine.generate([ids], params)[0],
-                "hf": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, 16:].tolist(),
-                "bf16": lambda: engine_bf16.generate([ids], params)[0]}
+        engines = {k: Engine(m, max_batch=1) for k, (m, _) in decoding.items()}
+        runs = {"hf": lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, 16:].tolist(),
+                **{k: (lambda e=e: e.generate([ids], params)[0]) for k, e in engines.items()}}
         seconds, outputs = _timed(runs)
-        rates = {k: n / t for k, t in seconds.items()}
-        same = "yes" if outputs["ours"] == outputs["hf"] else "no"
-        agree = next((i for i, (a, b) in enumerate(zip(outputs["ours"], outputs["bf16"])) if a != b), n)
-        print(f"| {name}, {n} new tokens | {rates['ours']:,.1f} | {rates['hf']:,.1f} | {rates['ours'] / rates['hf']:.2f}x "
-              f"| {same} | {rates['bf16']:,.1f} | {rates['bf16'] / rates['ours']:.2f}x | {agree} of {n} tokens |", flush=True)
+        rate = {k: n / t for k, t in seconds.items()}
+        same = "yes" if outputs["fp32"] == outputs["hf"] == outputs["torch fp32"] else "no"
+        print(f"| {name}, {n} new tokens | {rate['hf']:,.1f} | {rate['torch fp32']:,.1f} | {rate['fp32']:,.1f} "
+              f"| {rate['fp32'] / rate['hf']:.2f}x | {same} | {rate['bf16']:,.1f} | {rate['int8']:,.1f} "
+              f"| {rate['bf16'] / rate['fp32']:.2f}x | {rate['int8'] / rate['fp32']:.2f}x |", flush=True)
+        text = ids + outputs["fp32"]
+        for k in ("bf16", "int8"):
+            greedy = next((i for i, (a, b) in enumerate(zip(outputs["fp32"], outputs[k])) if a != b), n)
+            agreement.append((name, k, greedy, n, *_agreement(decoding["fp32"][0], decoding[k][0], text)))
         if name == "GPT-2 124M":
-            weight_bytes = 4 * (ours.num_params() - ours.transformer.wpe.weight.numel())
-            limit = bandwidth / weight_bytes
-            print(f"\n124M reads {weight_bytes / 1e6:.0f} MB of fp32 weights per token: at {bandwidth / 1e9:.1f} GB/s that "
-                  f"is at most {limit:.1f} tokens/s; ours reaches {rates['ours'] / limit:.0%} of that limit "
-                  f"(bf16 weights: {rates['bf16'] / (2 * limit):.0%} of their own limit, {2 * limit:.1f} tokens/s)")
+            matmul = ours.num_params() - ours.transformer.wpe.weight.numel()  # every weight but the position table
+            limit = {"fp32": bandwidth / (4 * matmul), "bf16": bandwidth / (2 * matmul), "int8": bandwidth / matmul}
+            print(f"\n124M reads {4 * matmul / 1e6:.0f} MB of fp32 matmul weights per token (bf16 half, int8 a quarter); "
+                  f"at {bandwidth / 1e9:.1f} GB/s, fp32 reaches {rate['fp32'] / limit['fp32']:.0%} of its limit "
+                  f"({limit['fp32']:.1f} tokens/s; torch's linear only: {rate['torch fp32'] / limit['fp32']:.0%}), "
+                  f"bf16 {rate['bf16'] / limit['bf16']:.0%} of {limit['bf16']:.1f}, int8 {rate['int8'] / limit['int8']:.0%} "
+                  f"of {limit['int8']:.1f}")
+        print(f"fp32 layout at {name}: {decoding['fp32'][1]}", flush=True)
+    print("\nHow closely bf16 and int8 follow fp32 (random weights: near-ties are commoner than in a trained model), "
+          "teacher-forced over the prompt and fp32's greedy text:\n")
+    print("| shape | weights | greedy tokens equal to fp32's | top-1 agreement | mean KL from fp32 (nats) |")
+    print("|---|---|---|---|---|")
+    for name, k, greedy, n, top1, kl in agreement:
+        print(f"| {name} | {k} | first {greedy} of {n} | {top1:.1%} | {kl:.4f} |")
 
 
-def _stream_client(url: str, body: dict, results: list) -> None:
-    """One streaming request: appends (seconds to the first token, completion tokens, seconds)."""
-    import httpx
-
+async def _stream_request(port: int, body: dict) -> tuple[float | None, int, float]:
+    """One streaming /v1/completions to 127.0.0.1:port over a raw HTTP/1.1 connection: a lean load
+    generator (the clients share the CPU with the server; a client library parsing every chunk would
+    take much of it). Returns (seconds to the first text, completion tokens, seconds)."""
+    payload = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(payload), payload))
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"serve.py answered {status.decode().strip()}: {(await reader.read()).decode()[:300]}")
     first, usage = None, 0
-    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                      timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and any(c["text"] for c in chunk["choices"]):
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-    results.append((first, usage, time.perf_counter() - start))
+    async for line in reader:  # headers, chunk sizes, then the events: "data: {...}" lines
+        if not line.startswith(b"data: {"):
+            continue
+        if first is None and any(c["text"] for c in json.loads(line[6:])["choices"]):
+            first = time.perf_counter() - start
+        elif line.startswith(b'data: {"id"') and b'"usage"' in line:
+            usage = json.loads(line[6:])["usage"]["completion_tokens"]
+    writer.close()
+    return first, usage, time.perf_counter() - start
+
+
+async def _clients(port: int, bodies: list[dict], concurrency: int) -> list[tuple[float | None, int, float]]:
+    """Send every body, `concurrency` requests at a time (each client starts its next when one ends)."""
+    todo, results = list(bodies), []
+
+    async def client():
+        while todo:
+            results.append(await _stream_request(port, todo.pop()))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results
 
 
 def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tuple[int, ...] = (1, 4, 16)) -> None:
@@ -572,7 +616,6 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
     time to first token; then the engine's batched greedy decode (16 equal prompts) against
     transformers' generate on the same batch. Batch-1 figures: `bench.py sample`."""
     import socket
-    import threading
     import urllib.request
 
     from engine import Engine, SamplingParams
@@ -601,30 +644,14 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
                 g = torch.Generator().manual_seed(2)
                 bodies = [{"model": "run", "prompt": torch.randint(0, 50256, (16,), generator=g).tolist(),
                            "max_tokens": new, "temperature": 0} for _ in range(requests)]
-                _stream_client(base + "/v1/completions", bodies[0], [])  # warm-up
+                asyncio.run(_clients(port, bodies[:1], 1))  # warm-up
                 print(f"\n{name}, {new} new tokens per request:\n")
                 print("| concurrent clients | aggregate tokens/s | vs 1 client | p50 TTFT ms | p95 TTFT ms |")
                 print("|---|---|---|---|---|")
                 single = None
                 for c in concurrency:
-                    results: list = []
-                    todo = list(bodies)
-                    lock = threading.Lock()
-
-                    def client():
-                        while True:
-                            with lock:
-                                if not todo:
-                                    return
-                                body = todo.pop()
-                            _stream_client(base + "/v1/completions", body, results)
-
                     start = time.perf_counter()
-                    threads = [threading.Thread(target=client) for _ in range(c)]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
+                    results = asyncio.run(_clients(port, bodies, c))
                     wall = time.perf_counter() - start
                     rate = sum(r[1] for r in results) / wall
                     single = single or rate
@@ -636,7 +663,7 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
                 proc.terminate()
                 proc.wait()
         batch = torch.randint(0, 50256, (16, 16), generator=torch.Generator().manual_seed(3))
-        engine = Engine(ours, max_batch=16)
+        engine = Engine(ours, max_batch=16, weights="float32")  # as serve.py lays the weights out
         params = SamplingParams(max_tokens=new, temperature=0.0)
         runs = {"ours": lambda: engine.generate(batch.tolist(), params),
                 "hf": lambda: hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist()}

@@ -4,12 +4,13 @@ measured here, for the engine (engine.py) to decode with. The model itself is ne
 Decoding reads every weight once per step for a handful of rows, so its speed is the speed of
 matrix-vector products, and torch's default CPU path is not always the fast one. Measured on a
 2-core AMD EPYC (Zen 5, family 26; docs/benchmarks.md): torch's fp32 F.linear of one row by
-GPT-2's (50257, 768) head ran on one thread at ~15 GB/s, oneDNN's linear on the same weights
-(reordered once) at twice that; int8 weight-only matmuls read a quarter of fp32's bytes.
+GPT-2's (50257, 768) head took 10.2 ms (one thread busy), oneDNN's linear on the same weights
+(reordered once) 4.3 ms; for a (384, 128) matrix torch's took 5 us and oneDNN's 17 us. int8
+weight-only matmuls read a quarter of fp32's bytes.
 
     weights    Linear layers                                     activations   output
     float32    torch's F.linear or oneDNN's, whichever times     float32       the same math:
-               faster at this model's decode shapes (CPU only)                 summation order only
+               faster for one row at each shape (CPU only)                     summation order only
     bfloat16   torch's F.linear on bf16 weights                  bfloat16      rounded
     int8       int8 weights with one fp scale per output row     bfloat16      rounded + quantised
                (symmetric, max |w| / 127), torch's int8
@@ -31,26 +32,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-FP32_LINEARS = ("auto", "torch", "onednn")
+FP32_LINEARS = ("auto", "torch", "onednn")  # prepare's fp32_linear
 INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features divisible by this
-TIMED_HEAD_WEIGHTS = 1 << 24  # weights of the timed head at most (64 MB in fp32): past any cache
+TIMED_HEAD_WEIGHTS = 1 << 24  # weights of a timed Linear at most (64 MB in fp32): past any cache
 TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
 
-_fp32_choice: dict[tuple[int, int], str] = {}  # this process's measurements, by (n_embd, vocab_size)
+_fp32_choice: dict[tuple[int, int], str] = {}  # this process's measurements, by (in_features, out_features)
 
 
 class OneDNNLinear(nn.Module):
-    """A Linear through oneDNN, its weight reordered into oneDNN's layout once. x (..., in) fp32
-    -> (..., out) fp32, equal to F.linear up to summation order."""
+    """A Linear through oneDNN's linear, its weight reordered into oneDNN's blocked layout once
+    (the op torch.compile's CPU backend uses). x (..., in) fp32 -> (..., out) fp32, equal to
+    F.linear up to summation order."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = linear.weight.detach().float().to_mkldnn()  # (out, in), oneDNN layout
-        self.packed_bias = None if linear.bias is None else linear.bias.detach().float().to_mkldnn()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.packed_weight, self.packed_bias).to_dense()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 class Int8Linear(nn.Module):
@@ -85,22 +87,23 @@ def _time_fastest(call, reps: int = TIMED_REPS) -> float:
     return best
 
 
-def fp32_linear_choice(n_embd: int, vocab_size: int, n_layer: int) -> str:
-    """"torch" or "onednn": which fp32 Linear decodes faster on this CPU at a model's shapes, timed
-    once per process (a fraction of a second): one row through the head (as large as the real
-    one up to 64 MB) and through a block's MLP matmul, weighted by how often a token runs each.
-    Constant weights: the speed does not depend on the values."""
-    key = (n_embd, vocab_size)
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fp32_kernel(n_in: int, n_out: int) -> str:
+    """"torch" or "onednn": which fp32 Linear of this shape runs one row faster on this CPU, timed
+    once per process and shape (the fastest of a few calls each; a head larger than 64 MB is timed
+    at 64 MB, past any cache). torch's is faster for small matrices (less overhead per call),
+    oneDNN's for large ones on the CPUs measured. Constant weights: speed does not depend on values."""
+    key = (n_in, n_out)
     if key not in _fp32_choice:
-        seconds = {"torch": 0.0, "onednn": 0.0}
+        linear = nn.Linear(n_in, min(n_out, max(1, TIMED_HEAD_WEIGHTS // n_in)))
         with torch.no_grad():
-            for n_out, count in ((min(vocab_size, TIMED_HEAD_WEIGHTS // n_embd), 1), (4 * n_embd, 3 * n_layer)):
-                linear = nn.Linear(n_embd, n_out)
-                nn.init.constant_(linear.weight, 0.01)
-                x = torch.full((1, n_embd), 0.5)
-                packed = OneDNNLinear(linear)
-                seconds["torch"] += count * _time_fastest(lambda: F.linear(x, linear.weight, linear.bias))
-                seconds["onednn"] += count * _time_fastest(lambda: packed(x))
+            nn.init.constant_(linear.weight, 0.01)
+            x = torch.full((1, n_in), 0.5)
+            packed = OneDNNLinear(linear)
+            seconds = {"torch": _time_fastest(lambda: linear(x)), "onednn": _time_fastest(lambda: packed(x))}
         _fp32_choice[key] = min(seconds, key=seconds.get)
     return _fp32_choice[key]
 
@@ -116,8 +119,9 @@ def check_weights(weights: str, device: torch.device) -> None:
 def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[nn.Module, str]:
     """A decoding copy of `model` (a model.GPT) with `weights` (see the module docstring), in eval
     mode, sharing nothing it converts with the original. fp32_linear: for float32 on a CPU,
-    "auto" (time both, see fp32_linear_choice), "torch" or "onednn".
-    Returns (the copy, a description of its linear layers, e.g. "float32 via oneDNN").
+    "auto" (each Linear shape through the kernel that timed faster, see fp32_kernel), "torch" or
+    "onednn" (every Linear). Returns (the copy, which kernels its Linears use, e.g. "float32 via
+    oneDNN (lm_head), torch (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)").
     Raises ValueError for an unknown kind or one the device or shape cannot run."""
     device = next(model.parameters()).device
     check_weights(weights, device)
@@ -127,19 +131,26 @@ def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[
     # Every parameter converted once (tied ones stay one tensor), everything else deep-copied.
     memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
     decoding = copy.deepcopy(model, memo).eval()
-    layer = None
+    used: dict[str, set[str]] = {}  # kernel -> the Linears (attn.c_attn, lm_head, ...) that use it
+    for path, module in list(decoding.named_modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                kernel = _kernel(weights, device, fp32_linear, child)
+                used.setdefault(kernel, set()).add(f"{path.rpartition('.')[2]}.{name}".lstrip("."))
+                if kernel == "onednn":
+                    setattr(module, name, OneDNNLinear(child))
+                elif kernel == "int8":
+                    setattr(module, name, Int8Linear(child, dtype))
+    names = {"torch": "torch", "onednn": "oneDNN", "int8": "torch's int8 weight-only kernel"}
+    if len(used) == 1:
+        return decoding, f"{weights} via {names[next(iter(used))]}"
+    return decoding, f"{weights} via " + ", ".join(f"{names[k]} ({', '.join(sorted(v))})" for k, v in sorted(used.items()))
+
+
+def _kernel(weights: str, device: torch.device, fp32_linear: str, linear: nn.Linear) -> str:
+    """"torch", "onednn" or "int8": the kernel `linear` runs with (see prepare)."""
     if weights == "int8":
-        layer = lambda linear: Int8Linear(linear, dtype)  # noqa: E731
-    elif weights == "float32" and device.type == "cpu" and torch.backends.mkldnn.is_available():
-        cfg = model.config
-        if fp32_linear == "auto":
-            fp32_linear = fp32_linear_choice(cfg.n_embd, cfg.vocab_size, cfg.n_layer)
-        if fp32_linear == "onednn":
-            layer = OneDNNLinear
-    if layer is not None:
-        for module in list(decoding.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, layer(child))
-    kernel = {OneDNNLinear: "oneDNN", None: "torch"}.get(layer, "torch's int8 weight-only kernel")
-    return decoding, f"{weights} via {kernel}"
+        return "int8"
+    if weights != "float32" or device.type != "cpu" or not onednn_available() or fp32_linear == "torch":
+        return "torch"
+    return "onednn" if fp32_linear == "onednn" else fp32_kernel(linear.in_features, linear.out_features)

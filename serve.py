@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,10 @@ class Server:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        # Engine events wait here for the event loop, which takes them all in one callback: one
+        # wake-up per step, not one per token (deque appends and pops are thread-safe).
+        self._handoff: deque = deque()
+        self._drain_scheduled = False
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -272,6 +277,19 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def post(self, loop, deliver, *event) -> None:
+        """On the engine's thread: have `deliver(*event)` called on the event loop, soon."""
+        self._handoff.append((deliver, event))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False  # first: an event posted from now on schedules another drain
+        while self._handoff:
+            deliver, event = self._handoff.popleft()
+            deliver(*event)
 
     def token_text(self, token: int) -> str:
         return self.enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
@@ -304,16 +322,8 @@ def build_app(server: Server):
 
     app = FastAPI(title="gpt2-accelerate", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if server.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {server.api_key}":
-                what = "no API key was given" if not given else "the API key is wrong"
-                error = APIError(401, f"{what}: send 'Authorization: Bearer <key>' (the server's --api_key)",
-                                 None, "invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    if server.api_key is not None:
+        app.add_middleware(_RequireKey, key=server.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -346,6 +356,26 @@ def build_app(server: Server):
     return app
 
 
+class _RequireKey:
+    """ASGI middleware: every HTTP request needs 'Authorization: Bearer <key>', else a 401 in
+    OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware, which would pass every
+    streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if given != self.expected:
+                what = "no API key was given" if not given else "the API key is wrong"
+                error = APIError(401, f"{what}: send 'Authorization: Bearer <key>' (the server's --api_key)",
+                                 None, "invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Run:
     """One admitted request: its sequences on the engine, its choices, and how it is answered."""
 
@@ -363,7 +393,7 @@ class _Run:
         self.open = len(self.choices)
         server.outstanding += len(self.choices)
         for p, prompt in enumerate(req.prompts):
-            sink = (lambda seq, out, p=p: loop.call_soon_threadsafe(self._deliver, p * n + seq.index, seq, out))
+            sink = (lambda seq, out, p=p: server.post(loop, self._deliver, p * n + seq.index, seq, out))
             self.sequences += server.engine.add(prompt, req.params, sink, n)
         self.finished = False
 
@@ -483,6 +513,16 @@ class _Run:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def _piece(self, choice: Choice, finished: bool, sent_tokens: list[int]) -> str | None:
+        """The chunk carrying what `choice` has that is not sent yet (None: nothing to send)."""
+        piece = choice.ready()
+        if not piece and not finished:
+            return None
+        first, sent_tokens[choice.index] = sent_tokens[choice.index], len(choice.tokens)
+        lp = self._logprobs(choice, first, len(choice.tokens), len(choice.prefix))
+        return self._chunk([{"text": piece, "index": choice.index, "logprobs": lp,
+                             "finish_reason": choice.finish_reason if finished else None}])
+
     async def sse(self):
         status = "200 stream"
         sent_tokens = [0] * len(self.choices)
@@ -492,16 +532,16 @@ class _Run:
                     text, lp = self._echo(choice)
                     choice.prefix = text
                     yield self._chunk([{"text": text, "index": choice.index, "logprobs": lp, "finish_reason": None}])
+            # Events that have already arrived go out together, one chunk per choice: when the
+            # server falls behind the engine, it sends fewer, longer chunks instead of lagging more.
+            touched: dict[int, tuple[Choice, bool]] = {}
             async for choice, finished in self.events():
-                piece = choice.ready()
-                first = sent_tokens[choice.index]
-                last = len(choice.tokens)
-                if not piece and not finished:
+                touched[choice.index] = (choice, finished or touched.get(choice.index, (None, False))[1])
+                if not self.queue.empty() and self.open:
                     continue
-                sent_tokens[choice.index] = last
-                lp = self._logprobs(choice, first, last, len(choice.prefix))
-                yield self._chunk([{"text": piece, "index": choice.index, "logprobs": lp,
-                                    "finish_reason": choice.finish_reason if finished else None}])
+                for chunk in filter(None, (self._piece(c, f, sent_tokens) for c, f in touched.values())):
+                    yield chunk
+                touched.clear()
             if self.req.include_usage:
                 yield self._chunk([], self.usage())
             yield "data: [DONE]\n\n"

@@ -82,11 +82,15 @@ def test_engine_greedy_tokens_equal_across_fp32_kernels():
     plain = Engine(model, max_batch=3).generate(prompts, params)
     for kernel in ("torch", "onednn"):
         decoding, description = prepare(model, "float32", fp32_linear=kernel)
-        assert description == f"float32 via {'oneDNN' if kernel == 'onednn' else 'torch'}"
+        assert description == f"float32 via {'oneDNN' if kernel == 'onednn' else 'torch'}"  # every Linear
         assert isinstance(decoding.lm_head, OneDNNLinear) == (kernel == "onednn")
         assert Engine(decoding, max_batch=3).generate(prompts, params) == plain
     engine = Engine(model, max_batch=2, weights="float32")  # "auto": whichever timed faster here
-    assert engine.weights_description in ("float32 via torch", "float32 via oneDNN")
+    assert engine.weights_description.startswith("float32 via ")
+    auto = engine.model
+    for layer in (auto.lm_head, auto.transformer.h[0].attn.c_attn, auto.transformer.h[1].mlp.c_proj):
+        linear = nn.Linear(layer.in_features, layer.out_features)
+        assert isinstance(layer, OneDNNLinear) == (decode_weights.fp32_kernel(linear.in_features, linear.out_features) == "onednn")
     assert engine.generate(prompts, params) == plain
 
 
