@@ -517,12 +517,58 @@ def _agreement(reference, other, ids: list[int]) -> tuple[float, float]:
     return top1, (ref.exp() * (ref - oth)).sum(-1).mean().item()
 
 
-def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
+def _val_loss_by_weights(checkpoint: str, data: str, windows: int = 64) -> None:
+    """A trained model's val loss with each decoding layout of its weights, teacher-forced over the
+    first `windows` windows of the val shards (the difference int8 and bf16 make to a real model)."""
+    import numpy as np
+
+    import checkpoints
+    from decode_weights import WEIGHTS, prepare
+    from shards import ShardLoader, list_shards
+
+    directory, _, model = checkpoints.load_latest(checkpoint, checkpoints.load_model, need_state=False, warn=print)
+    loader = ShardLoader(list_shards(data, "val"), model.config.block_size, 1, shuffle=False)
+    tokens = loader.read_windows(np.arange(min(windows, loader.num_windows)))  # (N, T + 1)
+    print(f"\nval loss of {directory} over {tokens[:, 1:].numel():,} val tokens of {data}, by weights:\n")
+    print("| weights | val loss | minus fp32's |")
+    print("|---|---|---|")
+    losses = {}
+    for weights in WEIGHTS:
+        decoding, _ = prepare(model, weights)
+        with torch.inference_mode():
+            logits = torch.cat([decoding(tokens[i : i + 8, :-1])[0].float() for i in range(0, len(tokens), 8)])
+        losses[weights] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+        print(f"| {weights} | {losses[weights]:.4f} | {losses[weights] - losses['float32']:+.4f} |")
+
+
+def _compiled_decode_rate(decoding, ids: list[int], params) -> tuple[float, float]:
+    """Batch-1 tokens/s of the engine with its decode step's forward (model.hidden_states with
+    per-row positions) under torch.compile (dynamic shapes: the attention span grows every step),
+    and the seconds the first generation took (compiling)."""
+    from engine import Engine
+
+    eager = decoding.hidden_states
+    compiled = torch.compile(eager, dynamic=True)
+    decoding.hidden_states = lambda idx, cache=None, positions=None: (
+        compiled(idx, cache, positions) if positions is not None else eager(idx, cache, positions))
+    try:
+        engine = Engine(decoding, max_batch=1)
+        first = _seconds(lambda: engine.generate([ids], params))
+        seconds = statistics.median(_seconds(lambda: engine.generate([ids], params)) for _ in range(3))
+    finally:
+        del decoding.hidden_states
+    return params.max_tokens / seconds, first
+
+
+def bench_sample(new_tokens: int = 128, shapes: str = "small,124m", checkpoint: str | None = None,
+                 data: str = "data/shakespeare", compile: bool = False) -> None:
     """Batch-1 greedy decode tokens/s on engine.Engine against transformers' generate with the same
     weights, at small.py's shape and GPT-2 124M: fp32 through torch's linear only, fp32 as the
     engine lays it out (decode_weights: oneDNN where it times faster), bf16 and int8 weights; how
     closely bf16 and int8 follow fp32; and the limit memory bandwidth puts on each (every new
-    token reads every matmul weight once)."""
+    token reads every matmul weight once). With `checkpoint`, also a trained model's val loss
+    (its val shards in `data`) with each layout; with `compile`, the fp32 layout's decode step
+    under torch.compile too."""
     from decode_weights import prepare
     from engine import Engine, SamplingParams
 
@@ -566,12 +612,18 @@ def bench_sample(new_tokens: int = 128, shapes: str = "small,124m") -> None:
                   f"bf16 {rate['bf16'] / limit['bf16']:.0%} of {limit['bf16']:.1f}, int8 {rate['int8'] / limit['int8']:.0%} "
                   f"of {limit['int8']:.1f}")
         print(f"fp32 layout at {name}: {decoding['fp32'][1]}", flush=True)
+        if compile:
+            compiled, first = _compiled_decode_rate(decoding["fp32"][0], ids, params)
+            print(f"fp32 with the decode step compiled: {compiled:,.1f} tokens/s ({compiled / rate['fp32']:.2f}x eager; "
+                  f"the first generation, compiling, took {first:.1f} s)", flush=True)
     print("\nHow closely bf16 and int8 follow fp32 (random weights: near-ties are commoner than in a trained model), "
           "teacher-forced over the prompt and fp32's greedy text:\n")
     print("| shape | weights | greedy tokens equal to fp32's | top-1 agreement | mean KL from fp32 (nats) |")
     print("|---|---|---|---|---|")
     for name, k, greedy, n, top1, kl in agreement:
         print(f"| {name} | {k} | first {greedy} of {n} | {top1:.1%} | {kl:.4f} |")
+    if checkpoint:
+        _val_loss_by_weights(checkpoint, data)
 
 
 async def _stream_request(port: int, body: dict) -> tuple[float | None, int, float]:
@@ -791,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     head.add_argument("--reps", type=int, default=5, help="timed runs per cell (default: 5)")
     sample = sections.add_parser("sample", help="batch-1 greedy decode tokens/s, ours vs transformers' generate")
     sample.add_argument("--new_tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    sample.add_argument("--checkpoint", default=None,
+                        help="also a trained checkpoint's val loss with each weight layout (e.g. make demo's run directory)")
+    sample.add_argument("--data", default="data/shakespeare", help="its data directory, for the val shards (default: data/shakespeare)")
+    sample.add_argument("--compile", action="store_true", help="also time the fp32 decode step under torch.compile")
     serve = sections.add_parser("serve", help="serve.py under 1/4/16 concurrent streaming clients")
     serve.add_argument("--requests", type=int, default=16, help="streaming requests per concurrency level (default: 16)")
     for section in (sample, serve):

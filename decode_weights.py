@@ -34,7 +34,7 @@ import torch.nn.functional as F
 WEIGHTS = ("float32", "bfloat16", "int8")
 FP32_LINEARS = ("auto", "torch", "onednn")  # prepare's fp32_linear
 INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features divisible by this
-TIMED_HEAD_WEIGHTS = 1 << 24  # weights of a timed Linear at most (64 MB in fp32): past any cache
+TIMED_WEIGHTS = 1 << 24  # fp32 weights timed per round (64 MB): past any cache
 TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
 
 _fp32_choice: dict[tuple[int, int], str] = {}  # this process's measurements, by (in_features, out_features)
@@ -93,17 +93,23 @@ def onednn_available() -> bool:
 
 def fp32_kernel(n_in: int, n_out: int) -> str:
     """"torch" or "onednn": which fp32 Linear of this shape runs one row faster on this CPU, timed
-    once per process and shape (the fastest of a few calls each; a head larger than 64 MB is timed
-    at 64 MB, past any cache). torch's is faster for small matrices (less overhead per call),
-    oneDNN's for large ones on the CPUs measured. Constant weights: speed does not depend on values."""
+    once per process and shape (the fastest of a few rounds each). A round runs copies of the
+    weight that together hold at least 64 MB, so each is read from memory as in decoding, where
+    every step streams all the layers through the cache; a head over 64 MB is timed at 64 MB.
+    torch's is faster for small matrices in cache (less overhead per call), oneDNN's for large
+    ones on the CPUs measured. Constant weights: the speed does not depend on the values."""
     key = (n_in, n_out)
     if key not in _fp32_choice:
-        linear = nn.Linear(n_in, min(n_out, max(1, TIMED_HEAD_WEIGHTS // n_in)))
+        n_out = min(n_out, max(1, TIMED_WEIGHTS // n_in))
+        copies = max(1, TIMED_WEIGHTS // (n_in * n_out))
         with torch.no_grad():
-            nn.init.constant_(linear.weight, 0.01)
+            linears = [nn.Linear(n_in, n_out) for _ in range(copies)]
+            for linear in linears:
+                nn.init.constant_(linear.weight, 0.01)
+            packed = [OneDNNLinear(linear) for linear in linears]
             x = torch.full((1, n_in), 0.5)
-            packed = OneDNNLinear(linear)
-            seconds = {"torch": _time_fastest(lambda: linear(x)), "onednn": _time_fastest(lambda: packed(x))}
+            seconds = {"torch": _time_fastest(lambda: [linear(x) for linear in linears]),
+                       "onednn": _time_fastest(lambda: [layer(x) for layer in packed])}
         _fp32_choice[key] = min(seconds, key=seconds.get)
     return _fp32_choice[key]
 

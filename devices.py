@@ -6,10 +6,11 @@ On a CPU, bf16 having instructions (AVX512-BF16, AMX) does not make it faster: o
 bf16 matmuls run at half fp32's speed, and batch-1 decoding can lose even where training wins.
 So "auto" on a CPU measures: once per process, a fraction of a second of fp32 against bf16 at
 the matmul shapes that dominate the model's work (`Workload`), and picks bf16 only where it is
-clearly faster (BF16_MIN_SPEEDUP). Where bf16 is emulated (neither instruction set) nothing is
-timed: fp32 wins there by far. The rates may be kept in a small JSON file (`cache_path`) keyed
-by the CPU, its core count and the torch version; a cache that cannot be read or written is
-ignored.
+clearly faster (BF16_MIN_SPEEDUP); for decoding, fp32 is timed as the engine runs it (through
+oneDNN where that is faster, decode_weights.py). Where bf16 is emulated (neither instruction
+set) nothing is timed: fp32 wins there by far. The rates may be kept in a small JSON file
+(`cache_path`) keyed by the CPU, its core count and the torch version; a cache that cannot be
+read or written is ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +30,14 @@ import torch
 import torch.nn.functional as F
 
 import atomic
+import decode_weights
 from errors import OptionError
 
 DTYPES = ("auto", "float32", "bfloat16")
 BF16_MIN_SPEEDUP = 1.15  # "clearly faster": a closer call is within what a shared CPU's noise moves
 CACHE_DIR_ENV = "GPT2_ACCELERATE_CACHE_DIR"  # where the measured rates are kept; "" keeps none
 CACHE_FILE = "precision.json"
+MEASURE_VERSION = 2  # part of the cache key: bumped when what is timed changes (2: decode's fp32 as the engine runs it)
 TIMED_ROWS = 256  # rows of the timed batched matmuls: a step-sized slice of B*T tokens
 TIMED_FLOPS = 1 << 28  # FLOPs of one timed batched matmul at most: a few ms, compute-bound at any width
 TIMED_DECODE_WEIGHTS = 1 << 24  # weights of the timed decode head at most (64 MB in fp32): past any cache
@@ -131,11 +135,18 @@ def bf16_works(device: torch.device) -> bool:
 
 def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype) -> Callable[[], object]:
     """One F.linear of (rows, in) by an (out, in) weight in dtype, ready to call, as autocast runs
-    it: the fp32 input is cast to bf16 in every call, the weight once beforehand. Constant inputs:
-    the speed does not depend on the values, and filling is much cheaper than randn at 124M's head."""
+    it: the fp32 input is cast to bf16 in every call, the weight once beforehand. One fp32 row is
+    run as the decoding engine runs it: through oneDNN where that timed faster (decode_weights).
+    Constant inputs: the speed does not depend on the values, and filling is much cheaper than
+    randn at 124M's head."""
     rows, n_in, n_out = shape
     x = torch.full((rows, n_in), 0.5)
-    weight = torch.full((n_out, n_in), 0.01, dtype=dtype)
+    linear = torch.nn.Linear(n_in, n_out, bias=False)
+    torch.nn.init.constant_(linear.weight, 0.01)
+    if dtype == torch.float32 and rows == 1 and decode_weights.onednn_available() \
+            and decode_weights.fp32_kernel(n_in, n_out) == "onednn":
+        return partial(decode_weights.OneDNNLinear(linear), x)
+    weight = linear.weight.detach().to(dtype)
     return lambda: F.linear(x.to(dtype), weight)
 
 
@@ -206,7 +217,7 @@ def machine_key() -> dict:
                 break  # the first processor's entry is enough
     described = " ".join(f"{k} {v}" for k, v in cpu.items()) or platform.processor() or platform.machine()
     return {"cpu": described, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "measured": MEASURE_VERSION}
 
 
 def _read_cache(path: Path, key: dict) -> dict:
