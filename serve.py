@@ -580,6 +580,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_queue", type=int, default=32, help="sequences that may wait for a slot; more get 429")
     p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_ENV}; unset: none)")
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1),
+                   help="CPU threads the model computes with (default: all but one, which the HTTP side gets; "
+                        "on 2 cores that measured faster for 1 and 16 streams at small.py's shape, docs/benchmarks.md)")
     p.add_argument("--shutdown_timeout", type=float, default=10.0,
                    help="seconds running requests may take to finish after SIGTERM before they are cancelled")
     args = p.parse_args(argv)
@@ -589,6 +592,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max_batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         p.error(f"--max_queue must be >= 0, got {args.max_queue}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key:
         p.error("--api_key is empty")
     return args
@@ -605,13 +610,15 @@ def run(args: argparse.Namespace) -> None:
         except OSError as err:
             raise ServeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
     enc = gpt2_tokenizer()
+    torch.set_num_threads(args.threads)  # before load_for_inference times anything
     loaded = checkpoints.load_for_inference(args, "decode")
     model, device = loaded.model, loaded.device
     name = args.model_name or Path(args.checkpoint).resolve().name
     server = Server(model, name, enc, args.max_batch, args.max_queue, loaded.weights, args.api_key)
     cfg = model.config
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
-          f"{device}, {server.engine.weights_description}, max_batch={args.max_batch}, max_queue={args.max_queue}"
+          f"{device}, {server.engine.weights_description}, {args.threads} thread(s), max_batch={args.max_batch}, "
+          f"max_queue={args.max_queue}"
           f"{', API key required' if args.api_key else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout)

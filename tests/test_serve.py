@@ -294,9 +294,22 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slots(server):
 
 
 def test_every_request_is_logged(server):
+    started = next(line for line in server["lines"] if line.startswith("serving "))
+    threads = max(1, torch.get_num_threads() - 1)  # all cores but one: the default
+    assert "float32 via " in started and f"{threads} thread(s)" in started, started
     logged = [line for line in server["lines"] if line.startswith("POST /v1/completions")]
     assert len(logged) >= 10
     assert all("prompt_tokens=" in line and "ttft=" in line and "tokens/s" in line for line in logged)
+
+
+def test_bad_options_are_refused_before_anything_loads(capsys):
+    from serve import parse_args
+
+    for option, value, message in (("--threads", "0", "--threads must be >= 1, got 0"),
+                                   ("--max_batch", "0", "--max_batch must be >= 1, got 0")):
+        with pytest.raises(SystemExit):
+            parse_args(["--checkpoint", "nowhere", option, value])
+        assert message in capsys.readouterr().err
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
