@@ -673,8 +673,9 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
 
     from engine import Engine, SamplingParams
 
-    print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy, fp32, "
-          f"{torch.get_num_threads()} threads on {cpu_name()}")
+    print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy; serve.py with its "
+          f"defaults (fp32, {max(1, torch.get_num_threads() - 1)} of {torch.get_num_threads()} threads) on {cpu_name()}; "
+          f"in-process rows: {torch.get_num_threads()} threads")
     for name, shape in _shapes(shapes):
         new = 64 if name == "small.py" else 32
         ours, hf = _decode_models(shape)
