@@ -14,6 +14,9 @@ is loaded by the same helper. Endpoints:
                          logprobs (0-5 alternatives per token), echo; user is ignored.
   GET  /v1/models        the one model served (named after the checkpoint, or --model_name)
   GET  /health           {"status": "ok", "running": ..., "waiting": ...}
+  GET  /                 a playground (playground.html): a prompt, the sampling settings, the
+                         completion streamed as it is generated; the page itself needs no API key
+                         (it holds none), its requests send the one typed into it
 
 Every request is tokenized here and runs on one engine.Engine in a background thread, so
 requests decode together (continuous batching, --max_batch slots). At most --max_queue further
@@ -53,7 +56,7 @@ from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
 try:  # the optional `serve` extra; run() says how to install it when it is missing
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 except ImportError as err:
     _MISSING_EXTRA: ImportError | None = err
 else:
@@ -64,6 +67,7 @@ MAX_LOGPROBS = 5  # alternatives per token (OpenAI's limit)
 MAX_N = 128
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 API_KEY_ENV = "SERVE_API_KEY"
+PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
 
 
 # ------------------------------------------------------------------------ errors
@@ -259,6 +263,7 @@ class Server:
         self.capacity = max_batch + max_queue  # sequences running or waiting
         self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
         self.created = int(time.time())
+        self.playground = PLAYGROUND.read_text(encoding="utf-8")
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -329,6 +334,10 @@ def build_app(server: Server):
     async def api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return server.playground
+
     @app.get("/health")
     async def health():
         running = server.engine.num_running
@@ -357,15 +366,15 @@ def build_app(server: Server):
 
 
 class _RequireKey:
-    """ASGI middleware: every HTTP request needs 'Authorization: Bearer <key>', else a 401 in
-    OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware, which would pass every
+    """ASGI middleware: every HTTP request but the playground page needs 'Authorization: Bearer
+    <key>', else a 401 in OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware, which would pass every
     streamed chunk through an extra task and memory stream."""
 
     def __init__(self, app, key: str):
         self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] == "GET"):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if given != self.expected:
                 what = "no API key was given" if not given else "the API key is wrong"

@@ -6,6 +6,7 @@ the queue bound, a disconnect freeing its slots, and SIGTERM (last: it stops the
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -300,6 +301,35 @@ def test_every_request_is_logged(server):
     logged = [line for line in server["lines"] if line.startswith("POST /v1/completions")]
     assert len(logged) >= 10
     assert all("prompt_tokens=" in line and "ttft=" in line and "tokens/s" in line for line in logged)
+
+
+def test_playground_streams_the_completion_in_a_real_browser(server):
+    """GET / needs no key; in headless Chromium the page (settings from its URL, the key from its
+    fragment) streams the same text the API gives for the same greedy request, and a bad setting
+    shows the server's error."""
+    from chromium import Chromium, find_chromium
+
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium; .ci/run installs it)")
+    with urllib.request.urlopen(server["base"] + "/", timeout=30) as response:  # no Authorization header
+        assert response.status == 200 and '<textarea id="prompt"' in response.read().decode()
+    expected = create(server, prompt="To be, or", max_tokens=12, temperature=0).choices[0].text
+    browser = Chromium(binary)
+    try:
+        page = browser.open(f"{server['base']}/?prompt=To%20be%2C%20or&max_tokens=12&temperature=0&run=1#key={KEY}")
+        state = "document.getElementById('output').dataset.state"
+        assert browser.wait_for(page, f"['done', 'error'].includes({state}) && {state}") == "done"
+        assert browser.evaluate(page, "document.getElementById('output').textContent") == expected
+        assert re.fullmatch(r"12 tokens in [\d.]+ s", browser.evaluate(page, "document.getElementById('status').textContent"))
+        assert browser.evaluate(page, "document.getElementById('model').textContent") == NAME
+        # The slider stops at the context (256), which with the prompt's token is one past it: the 400's message shows.
+        page = browser.open(f"{server['base']}/?prompt=x&max_tokens=1000&run=1#key={KEY}")
+        assert browser.wait_for(page, f"['done', 'error'].includes({state}) && {state}") == "error"
+        status = browser.evaluate(page, "document.getElementById('status').textContent")
+        assert status.startswith("error: ") and "maximum context length is 256 tokens" in status, status
+    finally:
+        browser.close()
 
 
 def test_bad_options_are_refused_before_anything_loads(capsys):
