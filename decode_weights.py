@@ -17,8 +17,9 @@ weight-only matmuls read a quarter of fp32's bytes.
                weight-only kernel (CPU)
 
 Embeddings and LayerNorms keep their weights (converted to the activation dtype). The output
-head is tied to the token embedding in GPT-2; here it gets its own converted copy, which the
-embedding lookup does not need.
+head, tied to the token embedding in GPT-2, gets its own copy in the head's layout; the
+embedding keeps the plain one for its lookups. The copy is for decoding (hidden_states, lm_head,
+forward without targets); its Linears have no plain `.weight` for the training loss head.
 """
 
 from __future__ import annotations
