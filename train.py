@@ -295,6 +295,10 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.optimizer in OPTIMIZERS, f"optimizer={cfg.optimizer!r} must be one of {OPTIMIZERS}")
     if cfg.optimizer == "muon":
         problems += _muon_problems(cfg)
+    # Every checkpoint is a GPT-2 Hugging Face directory, whose layout has every bias: say so now,
+    # not at the first save after ckpt_interval steps of training.
+    need(cfg.model.bias, "bias=False cannot be checkpointed: checkpoints are GPT-2 Hugging Face directories, "
+                         "which have biases everywhere; keep bias=True")
     need(cfg.peak_flops >= 0, f"peak_flops={cfg.peak_flops} must be >= 0")
     need(cfg.hellaswag_limit >= 0, f"hellaswag_limit={cfg.hellaswag_limit} must be >= 0 (0: every example)")
     need(not cfg.hellaswag_data or Path(cfg.hellaswag_data).exists(),

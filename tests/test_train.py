@@ -71,6 +71,8 @@ def test_validate_collects_every_problem_and_derives_accumulation():
     message = str(err.value)
     for part in ("n_embd (100) must be divisible by n_head (3)", "min_lr=1.0", "mixed_precision='fp8'"):
         assert part in message
+    with pytest.raises(ConfigError, match="bias=False cannot be checkpointed"):  # before training, not at the first save
+        TrainConfig.from_flat(bias=False)
     # tokens_per_step fixes the accumulation for the number of processes
     cfg = with_derived(TrainConfig.from_flat(micro_batch_size=4, block_size=256, tokens_per_step=8192), world_size=2)
     assert cfg.grad_accum_steps == 4 and cfg.tokens_per_step == 8192 and cfg.lr_decay_steps == cfg.max_steps
