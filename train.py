@@ -1116,20 +1116,45 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, vocab_size: int) -> tu
     return train_loader, val_loader
 
 
-def prepare_training(cfg: TrainConfig, accelerator: Accelerator, raw_model: GPT, resume: Resume | None):
+def prepare_training(cfg: TrainConfig, accelerator: Accelerator, raw_model: GPT, resume: Resume | None,
+                     log: Callable[[str], None] = print):
     """The optimizers, and the model and optimizers as Accelerate prepares them (DDP/FSDP,
-    compiled with compile=true), with the resumed checkpoint's optimizer, RNG and scaler state."""
+    compiled with compile=true), with the resumed checkpoint's optimizer, RNG and scaler state.
+    The optimizers' settings (weight decay, betas, momentum, ...) stay the config's: loading a
+    state would put back the checkpoint's; a resume that changes one says so through `log`."""
     optimizers = make_optimizers(raw_model, cfg, accelerator.device)
     model, *optimizers = accelerator.prepare(raw_model, *optimizers)
     _skip_model_weights_in_state(accelerator)
     if resume is not None:
+        settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                    for opt in optimizers]
         try:  # RunDir.load loaded these files once already; this is not expected to fail
             accelerator.load_state(str(resume.ckpt / checkpoints.STATE_SUBDIR))
         except Exception as err:  # noqa: BLE001 -- torch.load raises many types; the message is kept
             first_line = (str(err).strip().splitlines() or [""])[0]
             raise CheckpointError(f"cannot load the optimizer state in {resume.ckpt / checkpoints.STATE_SUBDIR} "
                                   f"({type(err).__name__}: {first_line})") from err
+        changed = _restore_settings(optimizers, settings)
+        if changed:
+            log(f"resume: the config's optimizer settings replace {resume.ckpt.name}'s: {', '.join(changed)}")
     return model, optimizers
+
+
+def _restore_settings(optimizers, settings: list[list[dict]]) -> list[str]:
+    """Put each param group's settings back to `settings` (as built from the config); returns the
+    ones that differed from the loaded state ("weight_decay 0.1 -> 0.05"), the learning rate
+    aside (the schedule sets it every step)."""
+    changed = []
+    for opt, groups in zip(optimizers, settings, strict=True):
+        for group, wanted in zip(opt.param_groups, groups, strict=True):
+            for key, value in wanted.items():
+                loaded = group.get(key)
+                same = (list(loaded) == list(value) if isinstance(value, (tuple, list)) and isinstance(loaded, (tuple, list))
+                        else loaded == value)
+                if not same and key not in ("lr", "initial_lr") and f"{key} {loaded} -> {value}" not in changed:
+                    changed.append(f"{key} {loaded} -> {value}")
+                group[key] = value
+    return changed
 
 
 def setup_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resume: Resume | None,
@@ -1154,7 +1179,7 @@ def setup_run(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resum
         evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
     n_params = raw_model.num_params()
     flops_per_step = raw_model.flops_per_token(cfg.model.block_size) * cfg.tokens_per_step
-    model, optimizers = prepare_training(cfg, accelerator, raw_model, resume)
+    model, optimizers = prepare_training(cfg, accelerator, raw_model, resume, log)
 
     if not _all_ranks(accelerator, stop.received is None):
         raise Interrupted(f"stopped by {stop.received or 'a signal on another process'} before training started; "

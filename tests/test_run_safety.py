@@ -209,6 +209,21 @@ def test_resume_past_max_steps_says_so_and_changes_nothing(data_dir, run_copy, c
     assert snapshot(run_copy) == before
 
 
+def test_resume_takes_the_configs_optimizer_settings_and_says_which_changed(data_dir, run_copy, capsys):
+    """Loading an optimizer's state puts back the checkpoint's settings; a resume that sets others
+    keeps the config's (named in one line) and the next checkpoint holds them."""
+    import torch
+
+    capsys.readouterr()
+    main(*tiny_args(data_dir, run_copy, *COMMON, "--max_steps=6", "--init_from=resume", "--weight_decay=0.05",
+                    "--beta2=0.9"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resume: the config's optimizer"))
+    assert "step_0000004's" in line and "weight_decay 0.1 -> 0.05" in line and "betas (0.9, 0.95) -> (0.9, 0.9)" in line
+    saved = torch.load(checkpoints.step_dir(run_copy, 6) / checkpoints.STATE_SUBDIR / "optimizer.bin", weights_only=True)
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.05, 0.0]  # matrices; biases and LayerNorms
+    assert all(tuple(g["betas"]) == (0.9, 0.9) for g in saved["param_groups"])
+
+
 def test_a_run_directory_of_an_earlier_version_resumes(data_dir, run_copy):
     """Earlier versions wrote the run's config as config.json: such a directory still counts as a
     run's outputs, and a resume continues it, writing train_config.json in that file's place."""
