@@ -293,9 +293,7 @@ def hf_twin(model):
     import hf_weights
 
     c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size, vocab_size=c.vocab_size,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_weights.config_to_hf(c)))
     missing, unexpected = hf.load_state_dict(hf_weights.to_hf_state_dict(model.state_dict(), c.tie_embeddings),
                                              strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
