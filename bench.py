@@ -715,14 +715,17 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
                 proc.terminate()
                 proc.wait()
         batch = torch.randint(0, 50256, (16, 16), generator=torch.Generator().manual_seed(3))
-        engine = Engine(ours, max_batch=16, weights="float32")  # as serve.py lays the weights out
+        engines = {w: Engine(ours, max_batch=16, weights=w) for w in ("float32", "bfloat16", "int8")}
         params = SamplingParams(max_tokens=new, temperature=0.0)
-        runs = {"ours": lambda: engine.generate(batch.tolist(), params),
-                "hf": lambda: hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist()}
+        runs = {"hf": lambda: hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist(),
+                **{w: (lambda e=e: e.generate(batch.tolist(), params)) for w, e in engines.items()}}
         seconds, outputs = _timed(runs, reps=2)
-        print(f"\nbatch of 16 equal-length prompts, {new} new tokens each, in-process: engine "
-              f"{16 * new / seconds['ours']:,.1f} tokens/s, transformers generate {16 * new / seconds['hf']:,.1f} "
-              f"({seconds['hf'] / seconds['ours']:.2f}x); same tokens: {'yes' if outputs['ours'] == outputs['hf'] else 'no'}")
+        rate = {k: 16 * new / t for k, t in seconds.items()}
+        print(f"\nbatch of 16 equal-length prompts, {new} new tokens each, in-process: engine (fp32, as serve.py lays it "
+              f"out) {rate['float32']:,.1f} tokens/s, transformers generate {rate['hf']:,.1f} "
+              f"({rate['float32'] / rate['hf']:.2f}x); same tokens: {'yes' if outputs['float32'] == outputs['hf'] else 'no'}; "
+              f"engine with bf16 weights {rate['bfloat16']:,.1f} ({rate['bfloat16'] / rate['float32']:.2f}x fp32), "
+              f"int8 {rate['int8']:,.1f} ({rate['int8'] / rate['float32']:.2f}x)")
 
 
 def bench_eval(examples: int = 200, batch_size: int = 16) -> None:
