@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import torch
 
 import atomic
+import decode_weights
 import devices
 from errors import CheckpointError, OptionError
 from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
@@ -340,6 +341,10 @@ def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
     directory, _, model = load_latest(args.checkpoint, load_model, need_state=False, warn=to_stderr)
     model = model.to(device).eval()
     if args.dtype == INT8:
+        try:
+            decode_weights.check_weights(INT8, device, model.config)
+        except ValueError as err:
+            raise OptionError(f"--dtype int8 with {directory}: {err}") from None
         return LoadedModel(model, directory, device, torch.bfloat16, INT8)
     dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
     return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."))

@@ -64,7 +64,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         if linear.in_features % INT8_K_MULTIPLE:
             raise ValueError(f"int8 weights need every Linear's in_features divisible by {INT8_K_MULTIPLE} "
-                             f"(torch's int8 kernel), got {linear.in_features}; use --dtype bfloat16")
+                             f"(torch's int8 kernel), got {linear.in_features}")
         w = linear.weight.detach().float()  # (out, in)
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
@@ -115,12 +115,16 @@ def fp32_kernel(n_in: int, n_out: int) -> str:
     return _fp32_choice[key]
 
 
-def check_weights(weights: str, device: torch.device) -> None:
-    """Raise ValueError for a weights kind that is unknown or does not run on `device`."""
+def check_weights(weights: str, device: torch.device, config=None) -> None:
+    """Raise ValueError for a weights kind that is unknown, or does not run on `device` or (given
+    a model.GPTConfig) at the model's width."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if weights == "int8" and device.type != "cpu":
         raise ValueError(f"int8 weights run on the CPU only (torch's int8 weight-only kernel), not on {device.type}")
+    if weights == "int8" and config is not None and config.n_embd % INT8_K_MULTIPLE:
+        raise ValueError(f"int8 weights need n_embd divisible by {INT8_K_MULTIPLE} (torch's int8 kernel), "
+                         f"got {config.n_embd}; use bfloat16 or float32")
 
 
 def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[nn.Module, str]:
@@ -131,7 +135,7 @@ def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[
     oneDNN (lm_head), torch (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)").
     Raises ValueError for an unknown kind or one the device or shape cannot run."""
     device = next(model.parameters()).device
-    check_weights(weights, device)
+    check_weights(weights, device, model.config)
     if fp32_linear not in FP32_LINEARS:
         raise ValueError(f"fp32_linear must be one of {', '.join(FP32_LINEARS)}, got {fp32_linear!r}")
     dtype = torch.float32 if weights == "float32" else torch.bfloat16

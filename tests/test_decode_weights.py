@@ -55,7 +55,7 @@ def test_int8_linear_is_the_dequantised_matmul():
 
 
 def test_int8_refuses_a_width_its_kernel_cannot_run():
-    with pytest.raises(ValueError, match="divisible by 16.*got 24"):
+    with pytest.raises(ValueError, match="n_embd divisible by 16.*got 24"):
         prepare(tiny(n_embd=24, n_head=2), "int8")
     with pytest.raises(ValueError, match="weights must be one of float32, bfloat16, int8, got 'fp8'"):
         prepare(tiny(), "fp8")
@@ -109,7 +109,7 @@ def test_int8_logits_stay_close_to_fp32():
     assert agree >= 0.8, agree
 
 
-def test_sample_cli_runs_int8(tmp_path, capsys):
+def test_sample_cli_runs_int8_and_refuses_a_width_it_cannot_run(tmp_path, capsys):
     from sample import main
 
     tiny(n_embd=32, vocab_size=50257).save_pretrained(tmp_path / "hf")
@@ -119,3 +119,9 @@ def test_sample_cli_runs_int8(tmp_path, capsys):
     assert code == 0, err
     assert "decoding with int8 via torch's int8 weight-only kernel weights" in err
     assert out.startswith("Hello")
+    tiny(n_embd=24, n_head=2, vocab_size=50257).save_pretrained(tmp_path / "odd")
+    code = main(["--checkpoint", str(tmp_path / "odd"), "--dtype", "int8", "--prompt", "Hello", "--max_new_tokens", "5"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"error: --dtype int8 with {tmp_path / 'odd'}: int8 weights need n_embd divisible "
+                                        f"by 16 (torch's int8 kernel), got 24; use bfloat16 or float32"]
