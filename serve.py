@@ -367,8 +367,8 @@ def build_app(server: Server):
 
 class _RequireKey:
     """ASGI middleware: every HTTP request but the playground page needs 'Authorization: Bearer
-    <key>', else a 401 in OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware, which would pass every
-    streamed chunk through an extra task and memory stream."""
+    <key>', else a 401 in OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware,
+    which would pass every streamed chunk through an extra task and memory stream."""
 
     def __init__(self, app, key: str):
         self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
