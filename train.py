@@ -257,6 +257,11 @@ def load_config(argv: list[str]) -> TrainConfig:
     Unknown keys, values of the wrong type and malformed arguments raise ConfigError naming them;
     every value is then checked (TrainConfig.from_flat), all problems in one ConfigError.
     """
+    return TrainConfig.from_flat(**config_values(argv))
+
+
+def config_values(argv: list[str]) -> dict:
+    """The flat keys the config file and the --key=value overrides set, converted (see load_config)."""
     args = list(argv)
     values = _config_file_values(Path(args.pop(0))) if args and not args[0].startswith("--") else {}
     for arg in args:
@@ -266,7 +271,7 @@ def load_config(argv: list[str]) -> TrainConfig:
         if key not in config_keys():
             raise ConfigError(f"unknown config key {key!r}{_closest(key)}")
         values[key] = _convert(key, value, from_string=True)
-    return TrainConfig.from_flat(**values)
+    return values
 
 
 def config_problems(cfg: TrainConfig) -> list[str]:
@@ -827,13 +832,33 @@ def _load_resume(ckpt: Path, cfg: TrainConfig) -> Resume:
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")  # what the weights fix
 
 
+def resumed_shape(cfg: TrainConfig, resume: Resume, set_keys: frozenset[str], log) -> TrainConfig:
+    """A resume continues its checkpoint's model: the shape keys (and block_size, the training
+    window) that neither the config file nor the command line set come from the run's own
+    train_config.json, as a fine-tune's shape comes from its weights. Set ones must agree with
+    the checkpoint (build_model says so when they do not)."""
+    saved = resume.train_config
+    adopted = {k: saved[k] for k in SHAPE_KEYS
+               if k not in set_keys and k in saved and saved[k] != getattr(cfg.model, k)}
+    if not adopted:
+        return cfg
+    log(f"resume: the model's shape as {resume.ckpt.name} was trained: " + ", ".join(f"{k}={v}" for k, v in adopted.items()))
+    try:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **adopted))
+    except ValueError as err:
+        raise CheckpointError(f"{resume.ckpt / checkpoints.TRAIN_CONFIG_FILE} holds a shape that does not check: {err}") from None
+
+
 def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, TrainConfig]:
     """The model for cfg.init_from (new, the resumed checkpoint's, or a GPT-2 directory's) and the
     config it trains under: a fine-tune's shape comes from the weights, as a new TrainConfig."""
     if resume is not None:
         model = resume.model
-        mismatched = [f"{k}={getattr(cfg.model, k)} (checkpoint: {getattr(model.config, k)})"
-                      for k in SHAPE_KEYS if getattr(cfg.model, k) != getattr(model.config, k)]
+        # block_size is the training window: at most the model's context (a fine-tune may train shorter windows)
+        mismatched = [f"{k}={getattr(cfg.model, k)} (checkpoint: {getattr(model.config, k)})" for k in SHAPE_KEYS
+                      if k != "block_size" and getattr(cfg.model, k) != getattr(model.config, k)]
+        if cfg.model.block_size > model.config.block_size:
+            mismatched.append(f"block_size={cfg.model.block_size} (the checkpoint's context: {model.config.block_size})")
         if mismatched:
             raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
         return model, cfg
@@ -1350,7 +1375,8 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
     if any(arg in ("-h", "--help") for arg in argv):
         print(config_help())
         return None
-    cfg = load_config(argv)
+    values = config_values(argv)
+    cfg = TrainConfig.from_flat(**values)
     with StopSignal() as stop:  # from here on, SIGINT/SIGTERM stop the run between steps, or before it writes
         processes = start_processes()
         run_dir = RunDir(cfg.out_dir, processes.is_main_process)
@@ -1358,12 +1384,15 @@ def main(argv: list[str] | None = None) -> tuple[GPT, dict] | None:
         # processes wait for it, so none of them reads out_dir while another run may be writing there.
         with run_dir.locked():
             processes.wait_for_everyone()
-            return _main(cfg, processes, run_dir, stop)
+            return _main(cfg, processes, run_dir, stop, frozenset(values))
 
 
-def _main(cfg: TrainConfig, processes: PartialState, run_dir: RunDir, stop: StopSignal) -> tuple[GPT, dict] | None:
+def _main(cfg: TrainConfig, processes: PartialState, run_dir: RunDir, stop: StopSignal,
+          set_keys: frozenset[str] = frozenset()) -> tuple[GPT, dict] | None:
     log = run_dir.log
     resume = run_dir.load(cfg) if cfg.init_from == "resume" else None
+    if resume is not None:
+        cfg = resumed_shape(cfg, resume, set_keys, log)
     check_optimizer_fits(cfg, resume)
     cfg = derive_for_processes(cfg, processes.num_processes, resume, log)
     if resume is not None and resume.state.step >= cfg.max_steps:

@@ -239,6 +239,30 @@ def test_finetune_from_hf_dir_starts_at_its_loss(data_dir, tmp_path):
     assert (effective["n_layer"], effective["n_embd"], effective["n_head"]) == (2, 48, 3)  # from the weights
 
 
+def test_a_finetune_of_another_shape_resumes_with_the_same_command(data_dir, tmp_path, capsys):
+    """configs/finetune_gpt2.py sets no shape: a fine-tune takes it from the weights, and so does its
+    resume (from the run's train_config.json), bit for bit as a run that never stopped; a shape
+    the command sets that the checkpoint does not have is refused naming both."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=64, vocab_size=VOCAB)).save_pretrained(tmp_path / "hf")
+    common = [str(ROOT / "configs" / "finetune_gpt2.py"), f"--data_dir={data_dir}", "--block_size=32",
+              "--micro_batch_size=2", "--grad_accum_steps=1", "--lr_decay_steps=4", "--warmup_steps=1", "--eval_interval=2",
+              "--eval_steps=1", "--ckpt_interval=2", "--log_interval=1", "--mixed_precision=no"]
+    train.main([*common, f"--out_dir={tmp_path / 'straight'}", f"--init_from={tmp_path / 'hf'}", "--max_steps=4"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main([*common, f"--out_dir={tmp_path / 'resumed'}", f"--init_from={tmp_path / 'hf'}", "--max_steps=2"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    train.main([*common, f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_steps=4"])
+    assert "resume: the model's shape as step_0000002 was trained: n_layer=2, n_head=3, n_embd=48, vocab_size=256" \
+        in capsys.readouterr().out
+    losses = {run: [r["loss"] for r in read_log(tmp_path / run) if "loss" in r] for run in ("straight", "resumed")}
+    assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ConfigError, match=r"does not match the checkpoint .*step_0000004: n_layer=3 \(checkpoint: 2\)"):
+        train.main([*common, f"--out_dir={tmp_path / 'resumed'}", "--init_from=resume", "--max_steps=6", "--n_layer=3"])
+
+
 def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=VOCAB))
     with torch.no_grad():
