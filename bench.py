@@ -661,19 +661,22 @@ async def _clients(port: int, bodies: list[dict], concurrency: int) -> list[tupl
     return results
 
 
-def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tuple[int, ...] = (1, 4, 16)) -> None:
+def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tuple[int, ...] = (1, 4, 16),
+                threads: int | None = None) -> None:
     """serve.py (a subprocess on a free local port, --max_batch 16) under 1, 4 and 16 concurrent
     streaming clients, `requests` requests per level: aggregate completion tokens/s and p50/p95
     time to first token; then the engine's batched greedy decode (16 equal prompts) against
-    transformers' generate on the same batch. Batch-1 figures: `bench.py sample`."""
+    transformers' generate on the same batch. Batch-1 figures: `bench.py sample`. threads: serve.py's
+    --threads (default: its own default, all cores but one)."""
     import socket
     import urllib.request
 
     from engine import Engine, SamplingParams
 
-    print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy; serve.py with its "
-          f"defaults (fp32, {max(1, torch.get_num_threads() - 1)} of {torch.get_num_threads()} threads) on {cpu_name()}; "
-          f"in-process rows: {torch.get_num_threads()} threads")
+    server_threads = threads or max(1, torch.get_num_threads() - 1)
+    print(f"serve benchmark: {requests} streaming requests per level (16-token prompts), greedy; serve.py in fp32 on "
+          f"{server_threads} of {torch.get_num_threads()} threads on {cpu_name()}; in-process rows: "
+          f"{torch.get_num_threads()} threads")
     for name, shape in _shapes(shapes):
         new = 64 if name == "small.py" else 32
         ours, hf = _decode_models(shape)
@@ -683,7 +686,8 @@ def bench_serve(requests: int = 16, shapes: str = "small,124m", concurrency: tup
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(Path(tmp) / "run"),
-                                     "--port", str(port), "--max_batch", "16", "--max_queue", "64"],
+                                     "--port", str(port), "--max_batch", "16", "--max_queue", "64",
+                                     "--threads", str(server_threads)],
                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             base = f"http://127.0.0.1:{port}"
             try:
@@ -854,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--requests", type=int, default=16, help="streaming requests per concurrency level (default: 16)")
     for section in (sample, serve):
         section.add_argument("--shapes", default="small,124m", help="small, 124m or both (default: small,124m)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="serve.py's --threads (default: its own, all cores but one)")
     evaluate = sections.add_parser("eval", help="HellaSwag examples/s at small.py's shape and GPT-2 124M")
     evaluate.add_argument("--examples", type=int, default=200, help="examples scored at small.py's shape (default: 200)")
     evaluate.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass (default: 16)")
