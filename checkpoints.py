@@ -335,16 +335,19 @@ def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
     def to_stderr(message: str) -> None:
         print(message, file=sys.stderr)
 
+    def check_int8(config=None, directory=None) -> None:  # decode_weights' rule, as an option error
+        try:
+            decode_weights.check_weights(INT8, device, config)
+        except ValueError as err:
+            raise OptionError(f"--dtype int8{f' with {directory}' if directory else ''}: {err}") from None
+
     device = devices.resolve_device(args.device)
-    if args.dtype == INT8 and device.type != "cpu":
-        raise OptionError(f"--dtype int8 runs on the CPU only (torch's int8 weight-only kernel), not on {device}")
+    if args.dtype == INT8:
+        check_int8()  # the device, before anything is loaded
     directory, _, model = load_latest(args.checkpoint, load_model, need_state=False, warn=to_stderr)
     model = model.to(device).eval()
     if args.dtype == INT8:
-        try:
-            decode_weights.check_weights(INT8, device, model.config)
-        except ValueError as err:
-            raise OptionError(f"--dtype int8 with {directory}: {err}") from None
+        check_int8(model.config, directory)  # the model's width
         return LoadedModel(model, directory, device, torch.bfloat16, INT8)
     dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
     return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."))

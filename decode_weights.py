@@ -99,14 +99,15 @@ def fp32_kernel(n_in: int, n_out: int) -> str:
     every step streams all the layers through the cache; a head over 64 MB is timed at 64 MB.
     torch's is faster for small matrices in cache (less overhead per call), oneDNN's for large
     ones on the CPUs measured. Constant weights: the speed does not depend on the values."""
+    n_out = min(n_out, max(1, TIMED_WEIGHTS // n_in))  # the shape timed, and so the key: a head and its slice agree
     key = (n_in, n_out)
     if key not in _fp32_choice:
-        n_out = min(n_out, max(1, TIMED_WEIGHTS // n_in))
         copies = max(1, TIMED_WEIGHTS // (n_in * n_out))
         with torch.no_grad():
-            linears = [nn.Linear(n_in, n_out) for _ in range(copies)]
+            linears = [nn.utils.skip_init(nn.Linear, n_in, n_out) for _ in range(copies)]  # no random init: filled
             for linear in linears:
                 nn.init.constant_(linear.weight, 0.01)
+                nn.init.zeros_(linear.bias)
             packed = [OneDNNLinear(linear) for linear in linears]
             x = torch.full((1, n_in), 0.5)
             seconds = {"torch": _time_fastest(lambda: [linear(x) for linear in linears]),

@@ -141,8 +141,9 @@ def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype) -> Callable[[]
     randn at 124M's head."""
     rows, n_in, n_out = shape
     x = torch.full((rows, n_in), 0.5)
-    linear = torch.nn.Linear(n_in, n_out, bias=False)
-    torch.nn.init.constant_(linear.weight, 0.01)
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False)  # filled below, not drawn
+    with torch.no_grad():
+        torch.nn.init.constant_(linear.weight, 0.01)
     if dtype == torch.float32 and rows == 1 and decode_weights.onednn_available() \
             and decode_weights.fp32_kernel(n_in, n_out) == "onednn":
         return partial(decode_weights.OneDNNLinear(linear), x)

@@ -1174,9 +1174,8 @@ def _restore_settings(optimizers, settings: list[list[dict]]) -> list[str]:
         for group, wanted in zip(opt.param_groups, groups, strict=True):
             for key, value in wanted.items():
                 loaded = group.get(key)
-                same = (list(loaded) == list(value) if isinstance(value, (tuple, list)) and isinstance(loaded, (tuple, list))
-                        else loaded == value)
-                if not same and key not in ("lr", "initial_lr") and f"{key} {loaded} -> {value}" not in changed:
+                plain = [list(v) if isinstance(v, tuple) else v for v in (loaded, value)]  # betas may load as a list
+                if plain[0] != plain[1] and key not in ("lr", "initial_lr") and f"{key} {loaded} -> {value}" not in changed:
                     changed.append(f"{key} {loaded} -> {value}")
                 group[key] = value
     return changed
