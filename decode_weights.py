@@ -2,19 +2,24 @@
 measured here, for the engine (engine.py) to decode with. The model itself is never changed.
 
 Decoding reads every weight once per step for a handful of rows, so its speed is the speed of
-matrix-vector products, and torch's default CPU path is not always the fast one. Measured on a
-2-core AMD EPYC (Zen 5, family 26; docs/benchmarks.md): torch's fp32 F.linear of one row by
-GPT-2's (50257, 768) head took 10.2 ms (one thread busy), oneDNN's linear on the same weights
-(reordered once) 4.3 ms; for a (384, 128) matrix torch's took 5 us and oneDNN's 17 us. int8
-weight-only matmuls read a quarter of fp32's bytes.
+matrix-vector products, and torch's default CPU path is not always the fast one. Measured on
+2-core AMD EPYCs (docs/benchmarks.md): torch's fp32 F.linear of one row by GPT-2's (50257, 768)
+head took 10.2 ms (Zen 5; one thread busy), oneDNN's linear on the same weights (reordered once)
+4.3 ms; in bf16 oneDNN's took half torch's time or less on Zen 4. For a (384, 128) matrix in
+cache torch's took 5-7 us and oneDNN's 17-19 us. int8 weight-only matmuls read a quarter of
+fp32's bytes.
 
     weights    Linear layers                                     activations   output
     float32    torch's F.linear or oneDNN's, whichever times     float32       the same math:
                faster for one row at each shape (CPU only)                     summation order only
-    bfloat16   torch's F.linear on bf16 weights                  bfloat16      rounded
+    bfloat16   the same choice, on bf16 weights                  bfloat16      rounded
     int8       int8 weights with one fp scale per output row     bfloat16      rounded + quantised
                (symmetric, max |w| / 127), torch's int8
                weight-only kernel (CPU)
+
+Each shape is timed with as many bytes of weights as the whole model streams per step (up to
+64 MB): a small model's weights stay in the CPU's cache between steps, a large one's come from
+memory, and the faster kernel differs between the two.
 
 Embeddings and LayerNorms keep their weights (converted to the activation dtype). The output
 head, tied to the token embedding in GPT-2, gets its own copy in the head's layout; the
@@ -33,24 +38,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-FP32_LINEARS = ("auto", "torch", "onednn")  # prepare's fp32_linear
+LINEAR_KERNELS = ("auto", "torch", "onednn")  # prepare's `kernel`
 INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features divisible by this
-TIMED_WEIGHTS = 1 << 24  # fp32 weights timed per round (64 MB): past any cache
+TIMED_BYTES = 1 << 26  # weights timed per round at most (64 MB): past any cache
 TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
 
-_fp32_choice: dict[tuple[int, int], str] = {}  # this process's measurements, by (in_features, out_features)
+_choice: dict[tuple, str] = {}  # this process's measurements, by (in, out, dtype, copies) as timed
 
 
 class OneDNNLinear(nn.Module):
     """A Linear through oneDNN's linear, its weight reordered into oneDNN's blocked layout once
-    (the op torch.compile's CPU backend uses). x (..., in) fp32 -> (..., out) fp32, equal to
-    F.linear up to summation order."""
+    (the op torch.compile's CPU backend uses). x (..., in) -> (..., out), both in `dtype` (float32
+    or bfloat16), equal to F.linear in that dtype up to summation order."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float(), None)
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), None)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
@@ -88,32 +93,46 @@ def _time_fastest(call, reps: int = TIMED_REPS) -> float:
     return best
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's linear runs here in dtype (float32, or bfloat16 where oneDNN supports it)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def fp32_kernel(n_in: int, n_out: int) -> str:
-    """"torch" or "onednn": which fp32 Linear of this shape runs one row faster on this CPU, timed
-    once per process and shape (the fastest of a few rounds each). A round runs copies of the
-    weight that together hold at least 64 MB, so each is read from memory as in decoding, where
-    every step streams all the layers through the cache; a head over 64 MB is timed at 64 MB.
-    torch's is faster for small matrices in cache (less overhead per call), oneDNN's for large
-    ones on the CPUs measured. Constant weights: the speed does not depend on the values."""
-    n_out = min(n_out, max(1, TIMED_WEIGHTS // n_in))  # the shape timed, and so the key: a head and its slice agree
-    key = (n_in, n_out)
-    if key not in _fp32_choice:
-        copies = max(1, TIMED_WEIGHTS // (n_in * n_out))
+def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, streamed_bytes: int = TIMED_BYTES) -> str:
+    """"torch" or "onednn": which Linear of this shape, weights in dtype, runs one row faster on
+    this CPU, timed once per process and setting (the fastest of a few rounds each).
+
+    streamed_bytes: the weight bytes a decode step reads in all (the whole model's Linears). A
+    round runs copies of the weight that together hold that many bytes, up to 64 MB, so each is
+    read from where decoding finds it: the CPU's cache for a model that fits there, memory for a
+    larger one; a head over 64 MB is timed at 64 MB. torch's is faster for small matrices in cache
+    (less overhead per call), oneDNN's for large ones on the CPUs measured. Constant weights: the
+    speed does not depend on the values."""
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = max(1, min(TIMED_BYTES, streamed_bytes) // itemsize)  # weights per round
+    n_out = min(n_out, max(1, budget // n_in))  # the shape timed, and so the key: a head and its slice agree
+    copies = max(1, budget // (n_in * n_out))
+    key = (n_in, n_out, dtype, copies)
+    if key not in _choice:
         with torch.no_grad():
-            linears = [nn.utils.skip_init(nn.Linear, n_in, n_out) for _ in range(copies)]  # no random init: filled
+            linears = [nn.utils.skip_init(nn.Linear, n_in, n_out, dtype=dtype) for _ in range(copies)]  # filled below
             for linear in linears:
                 nn.init.constant_(linear.weight, 0.01)
                 nn.init.zeros_(linear.bias)
-            packed = [OneDNNLinear(linear) for linear in linears]
-            x = torch.full((1, n_in), 0.5)
+            packed = [OneDNNLinear(linear, dtype) for linear in linears]
+            x = torch.full((1, n_in), 0.5, dtype=dtype)
             seconds = {"torch": _time_fastest(lambda: [linear(x) for linear in linears]),
                        "onednn": _time_fastest(lambda: [layer(x) for layer in packed])}
-        _fp32_choice[key] = min(seconds, key=seconds.get)
-    return _fp32_choice[key]
+        _choice[key] = min(seconds, key=seconds.get)
+    return _choice[key]
+
+
+def streamed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of Linear weights a decode step of `model` reads, with the weights in dtype."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return sum(m.weight.numel() * itemsize for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def check_weights(weights: str, device: torch.device, config=None) -> None:
@@ -128,18 +147,19 @@ def check_weights(weights: str, device: torch.device, config=None) -> None:
                          f"got {config.n_embd}; use bfloat16 or float32")
 
 
-def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[nn.Module, str]:
+def prepare(model: nn.Module, weights: str, kernel: str = "auto") -> tuple[nn.Module, str]:
     """A decoding copy of `model` (a model.GPT) with `weights` (see the module docstring), in eval
-    mode, sharing nothing it converts with the original. fp32_linear: for float32 on a CPU,
-    "auto" (each Linear shape through the kernel that timed faster, see fp32_kernel), "torch" or
+    mode, sharing nothing it converts with the original. kernel: for float32 or bfloat16 on a CPU,
+    "auto" (each Linear shape through the kernel that timed faster, see linear_kernel), "torch" or
     "onednn" (every Linear). Returns (the copy, which kernels its Linears use, e.g. "float32 via
     oneDNN (lm_head), torch (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)").
     Raises ValueError for an unknown kind or one the device or shape cannot run."""
     device = next(model.parameters()).device
     check_weights(weights, device, model.config)
-    if fp32_linear not in FP32_LINEARS:
-        raise ValueError(f"fp32_linear must be one of {', '.join(FP32_LINEARS)}, got {fp32_linear!r}")
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(LINEAR_KERNELS)}, got {kernel!r}")
     dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    streamed = streamed_bytes(model, dtype)
     # Every parameter converted once (tied ones stay one tensor), everything else deep-copied.
     memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
     decoding = copy.deepcopy(model, memo).eval()
@@ -147,11 +167,11 @@ def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[
     for path, module in list(decoding.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                kernel = _kernel(weights, device, fp32_linear, child)
-                used.setdefault(kernel, set()).add(f"{path.rpartition('.')[2]}.{name}".lstrip("."))
-                if kernel == "onednn":
-                    setattr(module, name, OneDNNLinear(child))
-                elif kernel == "int8":
+                chosen = _kernel(weights, device, kernel, child, streamed)
+                used.setdefault(chosen, set()).add(f"{path.rpartition('.')[2]}.{name}".lstrip("."))
+                if chosen == "onednn":
+                    setattr(module, name, OneDNNLinear(child, dtype))
+                elif chosen == "int8":
                     setattr(module, name, Int8Linear(child, dtype))
     names = {"torch": "torch", "onednn": "oneDNN", "int8": "torch's int8 weight-only kernel"}
     if len(used) == 1:
@@ -159,10 +179,11 @@ def prepare(model: nn.Module, weights: str, fp32_linear: str = "auto") -> tuple[
     return decoding, f"{weights} via " + ", ".join(f"{names[k]} ({', '.join(sorted(v))})" for k, v in sorted(used.items()))
 
 
-def _kernel(weights: str, device: torch.device, fp32_linear: str, linear: nn.Linear) -> str:
+def _kernel(weights: str, device: torch.device, kernel: str, linear: nn.Linear, streamed: int) -> str:
     """"torch", "onednn" or "int8": the kernel `linear` runs with (see prepare)."""
     if weights == "int8":
         return "int8"
-    if weights != "float32" or device.type != "cpu" or not onednn_available() or fp32_linear == "torch":
+    dtype = linear.weight.dtype
+    if device.type != "cpu" or not onednn_available(dtype) or kernel == "torch":
         return "torch"
-    return "onednn" if fp32_linear == "onednn" else fp32_kernel(linear.in_features, linear.out_features)
+    return "onednn" if kernel == "onednn" else linear_kernel(linear.in_features, linear.out_features, dtype, streamed)

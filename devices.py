@@ -6,8 +6,8 @@ On a CPU, bf16 having instructions (AVX512-BF16, AMX) does not make it faster: o
 bf16 matmuls run at half fp32's speed, and batch-1 decoding can lose even where training wins.
 So "auto" on a CPU measures: once per process, a fraction of a second of fp32 against bf16 at
 the matmul shapes that dominate the model's work (`Workload`), and picks bf16 only where it is
-clearly faster (BF16_MIN_SPEEDUP); for decoding, fp32 is timed as the engine runs it (through
-oneDNN where that is faster, decode_weights.py). Where bf16 is emulated (neither instruction
+clearly faster (BF16_MIN_SPEEDUP); for decoding, both are timed as the engine runs them (weights
+laid out by decode_weights.py, read from where a decode step finds them). Where bf16 is emulated (neither instruction
 set) nothing is timed: fp32 wins there by far. The rates may be kept in a small JSON file
 (`cache_path`) keyed by the CPU, its core count and the torch version; a cache that cannot be
 read or written is ignored.
@@ -16,6 +16,7 @@ read or written is ignored.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 BF16_MIN_SPEEDUP = 1.15  # "clearly faster": a closer call is within what a shared CPU's noise moves
 CACHE_DIR_ENV = "GPT2_ACCELERATE_CACHE_DIR"  # where the measured rates are kept; "" keeps none
 CACHE_FILE = "precision.json"
-MEASURE_VERSION = 2  # part of the cache key: bumped when what is timed changes (2: decode's fp32 as the engine runs it)
+MEASURE_VERSION = 3  # part of the cache key: bumped when what is timed changes (3: decode's bf16 as the engine runs it)
 TIMED_ROWS = 256  # rows of the timed batched matmuls: a step-sized slice of B*T tokens
 TIMED_FLOPS = 1 << 28  # FLOPs of one timed batched matmul at most: a few ms, compute-bound at any width
 TIMED_DECODE_WEIGHTS = 1 << 24  # weights of the timed decode head at most (64 MB in fp32): past any cache
@@ -68,6 +69,10 @@ class Workload:
 
     def key(self) -> str:
         return f"{self.kind} n_embd={self.n_embd} n_layer={self.n_layer} vocab_size={self.vocab_size}"
+
+    def streamed_weights(self) -> int:
+        """The Linear weights one decode step reads: the blocks' 12 C^2 per layer and the head."""
+        return 12 * self.n_layer * self.n_embd**2 + self.vocab_size * self.n_embd
 
     def matmuls(self) -> list[tuple[tuple[int, int, int], float]]:
         """The timed F.linear shapes, (rows, in, out), each with the FLOPs per token it stands for:
@@ -133,25 +138,43 @@ def bf16_works(device: torch.device) -> bool:
 # --------------------------------------------------------------------------- measuring bf16 on a CPU
 
 
-def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype) -> Callable[[], object]:
+def _linear_call(shape: tuple[int, int, int], dtype: torch.dtype, workload: Workload | None = None) -> Callable[[], object]:
     """One F.linear of (rows, in) by an (out, in) weight in dtype, ready to call, as autocast runs
-    it: the fp32 input is cast to bf16 in every call, the weight once beforehand. One fp32 row is
-    run as the decoding engine runs it: through oneDNN where that timed faster (decode_weights).
-    Constant inputs: the speed does not depend on the values, and filling is much cheaper than
-    randn at 124M's head."""
+    it: the fp32 input is cast to bf16 in every call, the weight once beforehand. Constant inputs:
+    the speed does not depend on the values, and filling is much cheaper than randn at 124M's head.
+    A decode workload's row is run as the decoding engine runs it instead (_decode_call)."""
     rows, n_in, n_out = shape
+    if workload is not None and workload.kind == "decode":
+        return _decode_call(n_in, n_out, dtype, workload.streamed_weights() * (torch.finfo(dtype).bits // 8))
     x = torch.full((rows, n_in), 0.5)
     linear = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False)  # filled below, not drawn
     with torch.no_grad():
         torch.nn.init.constant_(linear.weight, 0.01)
-    if dtype == torch.float32 and rows == 1 and decode_weights.onednn_available() \
-            and decode_weights.fp32_kernel(n_in, n_out) == "onednn":
-        return partial(decode_weights.OneDNNLinear(linear), x)
     weight = linear.weight.detach().to(dtype)
     return lambda: F.linear(x.to(dtype), weight)
 
 
-def measure_bf16(workload: Workload, make_call: Callable = _linear_call,
+def _decode_call(n_in: int, n_out: int, dtype: torch.dtype, streamed_bytes: int) -> Callable[[], object]:
+    """One row by an (out, in) weight as the engine decodes it: weights and activations in dtype,
+    the kernel decode_weights picks for the shape, and each call the next of enough copies of the
+    weight to hold the bytes a decode step streams (up to 64 MB), so it is read from where a
+    decode step finds it (cache or memory)."""
+    kernel = "torch"
+    if decode_weights.onednn_available(dtype):
+        kernel = decode_weights.linear_kernel(n_in, n_out, dtype, streamed_bytes)
+    itemsize = torch.finfo(dtype).bits // 8
+    layers = []
+    with torch.no_grad():
+        for _ in range(max(1, min(decode_weights.TIMED_BYTES, streamed_bytes) // (n_in * n_out * itemsize))):
+            linear = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False, dtype=dtype)
+            torch.nn.init.constant_(linear.weight, 0.01)
+            layers.append(decode_weights.OneDNNLinear(linear, dtype) if kernel == "onednn" else linear)
+    x = torch.full((1, n_in), 0.5, dtype=dtype)
+    turn = itertools.cycle(layers)
+    return lambda: next(turn)(x)
+
+
+def measure_bf16(workload: Workload, make_call: Callable | None = None,
                  timer: Callable[[], float] = time.perf_counter, reps: int = TIMED_REPS,
                  budget_s: float = TIMED_BUDGET_S) -> Bf16Speed:
     """Time fp32 against bf16 at `workload`'s matmuls on the CPU, in a fraction of a second.
@@ -162,8 +185,10 @@ def measure_bf16(workload: Workload, make_call: Callable = _linear_call,
     threads torch uses, as the work will: on a busy machine small bf16 ops can lose more time
     waiting for every thread than they save. The rates are FLOPs per token over the time per
     token that mix of shapes takes.
-    make_call(shape, dtype) -> a function running that matmul once; timer() -> seconds.
+    make_call(shape, dtype) -> a function running that matmul once (default: _linear_call, for
+    this workload); timer() -> seconds.
     """
+    make_call = make_call or partial(_linear_call, workload=workload)
     seconds = {torch.float32: 0.0, torch.bfloat16: 0.0}  # per token
     _time_matmuls(workload, make_call, timer, reps, budget_s, seconds)
     flops = sum(flops_per_token for _, flops_per_token in workload.matmuls())

@@ -149,7 +149,8 @@ class SlotCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._slot = self._T = self._B = self._span = 0
-        self._index = self._mask = None
+        self._rows = torch.arange(slots, device=device)
+        self._positions = self._mask = None
         self._mode = None
 
     def begin_prefill(self, slot: int, T: int) -> None:
@@ -159,9 +160,7 @@ class SlotCache:
     def begin_decode(self, B: int, positions: torch.Tensor, span: int, mask: torch.Tensor) -> None:
         """The next pass is one token for each of slots 0..B-1, slot b's at positions[b] (B,);
         every row attends over keys 0..span-1 where mask (B, 1, 1, span) is True."""
-        self._mode, self._B, self._span, self._mask = "decode", B, span, mask
-        hs = self.k.size(-1)
-        self._index = positions.view(B, 1, 1, 1).expand(B, self.k.size(2), 1, hs)  # scatter index (B, nh, 1, hs)
+        self._mode, self._B, self._span, self._mask, self._positions = "decode", B, span, mask, positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over."""
@@ -169,9 +168,12 @@ class SlotCache:
             self.k[layer, self._slot, :, : self._T] = k[0]
             self.v[layer, self._slot, :, : self._T] = v[0]
             return k, v, None  # causal attention within the prompt
+        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
+        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
+        rows = self._rows[: self._B]
+        self.k[layer][rows, :, self._positions] = k[:, :, 0]  # (B, nh, hs)
+        self.v[layer][rows, :, self._positions] = v[:, :, 0]
         keys, values = self.k[layer, : self._B], self.v[layer, : self._B]  # views (B, nh, block_size, hs)
-        keys.scatter_(2, self._index, k)
-        values.scatter_(2, self._index, v)
         return keys[:, :, : self._span], values[:, :, : self._span], self._mask
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:

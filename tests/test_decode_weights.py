@@ -1,5 +1,5 @@
 """decode_weights.py: each weight layout's linear against the plain one, the engine's greedy tokens
-with oneDNN fp32 weights equal to torch's, int8's quantisation bound, the model left untouched,
+with oneDNN fp32 weights equal to torch's (bf16: its logits), int8's quantisation bound, the model left untouched,
 and sample.py --dtype int8 from the command line. CPU."""
 
 import pytest
@@ -26,14 +26,18 @@ def tiny(seed: int = 0, **overrides) -> GPT:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_equals_f_linear(bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_equals_f_linear(bias, dtype):
+    if not decode_weights.onednn_available(dtype):
+        pytest.skip(f"oneDNN's linear does not run in {dtype} on this CPU")
     torch.manual_seed(0)
-    linear = nn.Linear(48, 80, bias=bias)
-    x = torch.randn(3, 5, 48)  # (B, T, C), as the blocks call it
+    linear = nn.Linear(48, 80, bias=bias).to(dtype)
+    x = torch.randn(3, 5, 48, dtype=dtype)  # (B, T, C), as the blocks call it
     with torch.no_grad():
-        ours, plain = OneDNNLinear(linear)(x), F.linear(x, linear.weight, linear.bias)
-    assert ours.shape == plain.shape == (3, 5, 80) and ours.dtype == torch.float32
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+        ours, plain = OneDNNLinear(linear, dtype)(x), F.linear(x, linear.weight, linear.bias)
+    assert ours.shape == plain.shape == (3, 5, 80) and ours.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: summation order moves the last bit of 8
+    torch.testing.assert_close(ours, plain, rtol=tolerance, atol=tolerance)
 
 
 def test_int8_linear_is_the_dequantised_matmul():
@@ -81,17 +85,39 @@ def test_engine_greedy_tokens_equal_across_fp32_kernels():
     params = SamplingParams(max_tokens=12, temperature=0.0)
     plain = Engine(model, max_batch=3).generate(prompts, params)
     for kernel in ("torch", "onednn"):
-        decoding, description = prepare(model, "float32", fp32_linear=kernel)
+        decoding, description = prepare(model, "float32", kernel=kernel)
         assert description == f"float32 via {'oneDNN' if kernel == 'onednn' else 'torch'}"  # every Linear
         assert isinstance(decoding.lm_head, OneDNNLinear) == (kernel == "onednn")
         assert Engine(decoding, max_batch=3).generate(prompts, params) == plain
     engine = Engine(model, max_batch=2, weights="float32")  # "auto": whichever timed faster here
     assert engine.weights_description.startswith("float32 via ")
     auto = engine.model
+    streamed = decode_weights.streamed_bytes(model, torch.float32)  # what each shape was timed with
+    assert streamed == 4 * (2 * 12 * 32 * 32 + 96 * 32)  # 2 layers of 12 C^2 weights, and the head
     for layer in (auto.lm_head, auto.transformer.h[0].attn.c_attn, auto.transformer.h[1].mlp.c_proj):
-        linear = nn.Linear(layer.in_features, layer.out_features)
-        assert isinstance(layer, OneDNNLinear) == (decode_weights.fp32_kernel(linear.in_features, linear.out_features) == "onednn")
+        chosen = decode_weights.linear_kernel(layer.in_features, layer.out_features, torch.float32, streamed)
+        assert isinstance(layer, OneDNNLinear) == (chosen == "onednn")
     assert engine.generate(prompts, params) == plain
+
+
+def test_bf16_kernels_decode_the_same_logits():
+    """bf16 weights through oneDNN's linear or torch's: the same model, up to bf16 rounding."""
+    if not decode_weights.onednn_available(torch.bfloat16):
+        pytest.skip("oneDNN's linear does not run in bf16 on this CPU")
+    model = tiny()
+    idx = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for kernel in ("torch", "onednn"):
+        decoding, description = prepare(model, "bfloat16", kernel=kernel)
+        assert description == f"bfloat16 via {'oneDNN' if kernel == 'onednn' else 'torch'}"
+        assert isinstance(decoding.transformer.h[1].attn.c_proj, OneDNNLinear) == (kernel == "onednn")
+        with torch.no_grad():
+            logits[kernel] = decoding(idx)[0].float()
+    assert logits["torch"].dtype == torch.float32 and logits["torch"].shape == (2, 10, 96)
+    torch.testing.assert_close(logits["onednn"], logits["torch"], rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        fp32 = model(idx)[0]
+    assert (logits["onednn"].argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.8  # still the model
 
 
 def test_int8_logits_stay_close_to_fp32():
