@@ -5,8 +5,8 @@ cancellation and every settings error. CPU; float64 where argmax must not meet n
 import pytest
 import torch
 
-from engine import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, SamplingParams,
-                    sample_rows, uniforms)
+from engine import (ARGMAX_CHUNK, FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, SamplingParams,
+                    argmax_rows, sample_rows, uniforms)
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64)
@@ -189,6 +189,22 @@ def test_uniforms_are_splitmix64():
     got = uniforms(torch.tensor(seeds), torch.tensor(counters)).tolist()
     assert got == [reference(s % 2**64, c) for s, c in zip(seeds, counters)]
     assert all(0 <= u < 1 for u in got)
+
+
+@pytest.mark.parametrize("width", [ARGMAX_CHUNK - 1, 2 * ARGMAX_CHUNK, 3 * ARGMAX_CHUNK + 17, 50257])
+def test_argmax_rows_is_argmax_with_ties_and_nans(width):
+    """The chunked argmax returns exactly torch's index: the first of equal maxima, in a chunk or in
+    the columns past the last whole chunk, and a NaN wherever argmax picks one."""
+    g = torch.Generator().manual_seed(width)
+    logits = torch.randint(-4, 5, (64, width), generator=g).float()  # many ties
+    logits[1, -1] = 9.0  # the max in the last column (the tail, where the width leaves one)
+    logits[2, :] = 1.0  # every column tied
+    logits[3, width // 2] = float("nan")
+    logits[4, -1] = float("nan")  # NaN in the tail
+    logits[5, 0] = logits[5, -1] = float("nan")
+    wide = torch.randn(8, width + 47, generator=g)[:, :width]  # a view of wider rows, as the engine's vocab prefix
+    for x in (logits, wide, logits[:1]):
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
 
 
 def draws(logits: torch.Tensor, n: int = 20_000, temperature: float = 1.0, top_k: int = 0, top_p: float = 2.0):
