@@ -562,8 +562,8 @@ def bench_sample(new_tokens: int = 128, shapes: str = "small,124m", checkpoint: 
                  data: str = "data/shakespeare", compile: bool = False) -> None:
     """Batch-1 greedy decode tokens/s on engine.Engine against transformers' generate with the same
     weights, at small.py's shape and GPT-2 124M: fp32 through torch's linear only, fp32 as the
-    engine lays it out (decode_weights: oneDNN where it times faster), bf16 and int8 weights; how
-    closely bf16 and int8 follow fp32; and the limit memory bandwidth puts on each (every new
+    engine lays it out (decode_weights: the fastest of torch's, oneDNN's and split linears per
+    shape), bf16 and int8 weights; how closely bf16 and int8 follow fp32; and the limit memory bandwidth puts on each (every new
     token reads every matmul weight once). With `checkpoint`, also a trained model's val loss
     (its val shards in `data`) with each layout; with `compile`, fp32 with the decode step under
     torch.compile too."""

@@ -6,12 +6,16 @@ matrix-vector products, and torch's default CPU path is not always the fast one.
 2-core AMD EPYCs (docs/benchmarks.md): torch's fp32 F.linear of one row by GPT-2's (50257, 768)
 head took 10.2 ms (Zen 5; one thread busy), oneDNN's linear on the same weights (reordered once)
 4.3 ms; in bf16 oneDNN's took half torch's time or less on Zen 4. For a (384, 128) matrix in
-cache torch's took 5-7 us and oneDNN's 17-19 us. int8 weight-only matmuls read a quarter of
-fp32's bytes.
+cache torch's took 5-7 us and oneDNN's 17-19 us. A third layout, "split" (SplitLinear: one bmm
+over column blocks of the weight, a block per thread), streamed 768 -> 2,304 and 768 -> 3,072
+weights from memory at 31-34 GB/s where oneDNN's reached 24-27 (Zen 4), but took twice
+oneDNN's time for 16 rows of small.py's head. int8 weight-only matmuls read a quarter of fp32's
+bytes.
 
     weights    Linear layers                                     activations   output
-    float32    torch's F.linear or oneDNN's, whichever times     float32       the same math:
-               faster for one row at each shape (CPU only)                     summation order only
+    float32    torch's F.linear, oneDNN's or split, whichever    float32       the same math:
+               times fastest at each shape for one row and                     summation order only
+               for the engine's batch (CPU only)
     bfloat16   the same choice, on bf16 weights                  bfloat16      rounded
     int8       int8 weights with one fp scale per output row     bfloat16      rounded + quantised
                (symmetric, max |w| / 127), torch's int8
@@ -38,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-LINEAR_KERNELS = ("auto", "torch", "onednn")  # prepare's `kernel`
+LINEAR_KERNELS = ("auto", "torch", "onednn", "split")  # prepare's `kernel`
 INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features divisible by this
 TIMED_BYTES = 1 << 26  # weights timed per round at most (64 MB): past any cache
 TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
@@ -59,6 +63,36 @@ class OneDNNLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+class SplitLinear(nn.Module):
+    """A Linear as one torch.bmm over `parts` column blocks of its transposed weight, W^T (in, out)
+    cut into (parts, in, out / parts): torch runs the batch entries on separate threads, each a
+    one-thread product that streams its own block of weights, where torch's F.linear of one row
+    runs on one thread. x (..., in) -> (..., out) in `dtype`, equal to F.linear up to summation
+    order. out is padded with zero columns to a multiple of parts (the padding is sliced off)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float32, parts: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.parts = parts or torch.get_num_threads()
+        width = -(-self.out_features // self.parts)  # columns per block
+        padded = torch.zeros(self.in_features, width * self.parts, dtype=dtype)
+        padded[:, : self.out_features] = linear.weight.detach().t()
+        self.weight_blocks = padded.view(self.in_features, self.parts, width).transpose(0, 1).contiguous()  # (parts, in, width)
+        bias = torch.zeros(width * self.parts, dtype=dtype)
+        if linear.bias is not None:
+            bias[: self.out_features] = linear.bias.detach()
+        self.bias_blocks = bias.view(self.parts, 1, width) if linear.bias is not None else None  # (parts, 1, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(1, -1, self.in_features).expand(self.parts, -1, -1)  # (parts, R, in), no copy
+        if self.bias_blocks is None:
+            y = torch.bmm(rows, self.weight_blocks)
+        else:
+            y = torch.baddbmm(self.bias_blocks, rows, self.weight_blocks)  # (parts, R, width)
+        y = y.transpose(0, 1).reshape(rows.size(1), -1)[:, : self.out_features]  # (R, out): a view for one row
+        return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -83,6 +117,13 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+def laid_out(linear: nn.Linear, kernel: str, dtype: torch.dtype) -> nn.Module:
+    """`linear` (weights in dtype) as `kernel` ("torch", "onednn", "split" or "int8") runs it."""
+    if kernel == "torch":
+        return linear
+    return {"onednn": OneDNNLinear, "split": SplitLinear, "int8": Int8Linear}[kernel](linear, dtype)
+
+
 def _time_fastest(call, reps: int = TIMED_REPS) -> float:
     call()
     best = math.inf
@@ -100,9 +141,12 @@ def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, streamed_bytes: int = TIMED_BYTES) -> str:
-    """"torch" or "onednn": which Linear of this shape, weights in dtype, runs one row faster on
-    this CPU, timed once per process and setting (the fastest of a few rounds each).
+def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, streamed_bytes: int = TIMED_BYTES,
+                  batch: int = 1) -> str:
+    """"torch", "onednn" or "split": which Linear of this shape, weights in dtype, runs one row
+    (and, for batch > 1, one row plus `batch` rows, taken together) fastest on this CPU, timed once
+    per process and setting (the fastest of a few rounds each). The batch matters: at 16 rows
+    "split" took twice oneDNN's time for small.py's head, where it was faster for one row.
 
     streamed_bytes: the weight bytes a decode step reads in all (the whole model's Linears). A
     round runs copies of the weight that together hold that many bytes, up to 64 MB, so each is
@@ -114,17 +158,18 @@ def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, str
     budget = max(1, min(TIMED_BYTES, streamed_bytes) // itemsize)  # weights per round
     n_out = min(n_out, max(1, budget // n_in))  # the shape timed, and so the key: a head and its slice agree
     copies = max(1, budget // (n_in * n_out))
-    key = (n_in, n_out, dtype, copies)
+    key = (n_in, n_out, dtype, copies, batch)
     if key not in _choice:
         with torch.no_grad():
             linears = [nn.utils.skip_init(nn.Linear, n_in, n_out, dtype=dtype) for _ in range(copies)]  # filled below
             for linear in linears:
                 nn.init.constant_(linear.weight, 0.01)
                 nn.init.zeros_(linear.bias)
-            packed = [OneDNNLinear(linear, dtype) for linear in linears]
-            x = torch.full((1, n_in), 0.5, dtype=dtype)
-            seconds = {"torch": _time_fastest(lambda: [linear(x) for linear in linears]),
-                       "onednn": _time_fastest(lambda: [layer(x) for layer in packed])}
+            kernels = ("torch", "split", "onednn") if onednn_available(dtype) else ("torch", "split")
+            candidates = {k: [laid_out(linear, k, dtype) for linear in linears] for k in kernels}
+            inputs = [torch.full((rows, n_in), 0.5, dtype=dtype) for rows in sorted({1, batch})]
+            seconds = {name: sum(_time_fastest(lambda layers=layers, x=x: [layer(x) for layer in layers]) for x in inputs)
+                       for name, layers in candidates.items()}
         _choice[key] = min(seconds, key=seconds.get)
     return _choice[key]
 
@@ -147,11 +192,12 @@ def check_weights(weights: str, device: torch.device, config=None) -> None:
                          f"got {config.n_embd}; use bfloat16 or float32")
 
 
-def prepare(model: nn.Module, weights: str, kernel: str = "auto") -> tuple[nn.Module, str]:
+def prepare(model: nn.Module, weights: str, kernel: str = "auto", batch: int = 1) -> tuple[nn.Module, str]:
     """A decoding copy of `model` (a model.GPT) with `weights` (see the module docstring), in eval
     mode, sharing nothing it converts with the original. kernel: for float32 or bfloat16 on a CPU,
-    "auto" (each Linear shape through the kernel that timed faster, see linear_kernel), "torch" or
-    "onednn" (every Linear). Returns (the copy, which kernels its Linears use, e.g. "float32 via
+    "auto" (each Linear shape through the kernel that timed fastest for one row and for `batch`
+    rows, the most the engine decodes together; see linear_kernel), or "torch", "onednn" or
+    "split" (every Linear). Returns (the copy, which kernels its Linears use, e.g. "float32 via
     oneDNN (lm_head), torch (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)").
     Raises ValueError for an unknown kind or one the device or shape cannot run."""
     device = next(model.parameters()).device
@@ -167,23 +213,24 @@ def prepare(model: nn.Module, weights: str, kernel: str = "auto") -> tuple[nn.Mo
     for path, module in list(decoding.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                chosen = _kernel(weights, device, kernel, child, streamed)
+                chosen = _kernel(weights, device, kernel, child, streamed, batch)
                 used.setdefault(chosen, set()).add(f"{path.rpartition('.')[2]}.{name}".lstrip("."))
-                if chosen == "onednn":
-                    setattr(module, name, OneDNNLinear(child, dtype))
-                elif chosen == "int8":
-                    setattr(module, name, Int8Linear(child, dtype))
-    names = {"torch": "torch", "onednn": "oneDNN", "int8": "torch's int8 weight-only kernel"}
+                setattr(module, name, laid_out(child, chosen, dtype))
+    names = {"torch": "torch", "onednn": "oneDNN", "split": "split bmm", "int8": "torch's int8 weight-only kernel"}
     if len(used) == 1:
         return decoding, f"{weights} via {names[next(iter(used))]}"
     return decoding, f"{weights} via " + ", ".join(f"{names[k]} ({', '.join(sorted(v))})" for k, v in sorted(used.items()))
 
 
-def _kernel(weights: str, device: torch.device, kernel: str, linear: nn.Linear, streamed: int) -> str:
-    """"torch", "onednn" or "int8": the kernel `linear` runs with (see prepare)."""
+def _kernel(weights: str, device: torch.device, kernel: str, linear: nn.Linear, streamed: int, batch: int) -> str:
+    """"torch", "onednn", "split" or "int8": the kernel `linear` runs with (see prepare)."""
     if weights == "int8":
         return "int8"
     dtype = linear.weight.dtype
-    if device.type != "cpu" or not onednn_available(dtype) or kernel == "torch":
+    if device.type != "cpu":
         return "torch"
-    return "onednn" if kernel == "onednn" else linear_kernel(linear.in_features, linear.out_features, dtype, streamed)
+    if kernel == "onednn" and not onednn_available(dtype):
+        raise ValueError(f"oneDNN's linear does not run in {dtype} here; use kernel='auto', 'torch' or 'split'")
+    if kernel != "auto":
+        return kernel
+    return linear_kernel(linear.in_features, linear.out_features, dtype, streamed, batch)

@@ -159,16 +159,14 @@ def _decode_call(n_in: int, n_out: int, dtype: torch.dtype, streamed_bytes: int)
     the kernel decode_weights picks for the shape, and each call the next of enough copies of the
     weight to hold the bytes a decode step streams (up to 64 MB), so it is read from where a
     decode step finds it (cache or memory)."""
-    kernel = "torch"
-    if decode_weights.onednn_available(dtype):
-        kernel = decode_weights.linear_kernel(n_in, n_out, dtype, streamed_bytes)
+    kernel = decode_weights.linear_kernel(n_in, n_out, dtype, streamed_bytes)
     itemsize = torch.finfo(dtype).bits // 8
     layers = []
     with torch.no_grad():
         for _ in range(max(1, min(decode_weights.TIMED_BYTES, streamed_bytes) // (n_in * n_out * itemsize))):
             linear = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False, dtype=dtype)
             torch.nn.init.constant_(linear.weight, 0.01)
-            layers.append(decode_weights.OneDNNLinear(linear, dtype) if kernel == "onednn" else linear)
+            layers.append(decode_weights.laid_out(linear, kernel, dtype))
     x = torch.full((1, n_in), 0.5, dtype=dtype)
     turn = itertools.cycle(layers)
     return lambda: next(turn)(x)

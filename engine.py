@@ -22,8 +22,8 @@ tokens whatever else is in the batch. Rows with top-k/top-p sample in sorted ord
 without in vocabulary order: which one depends only on the row's own settings.
 
 Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
-(`weights`: float32 through the faster of torch's and oneDNN's linear, bfloat16, or int8
-weight-only; decode_weights.py), computing in that copy's dtype. `python bench.py sample`
+(`weights`: float32 or bfloat16, each Linear through the kernel that timed fastest here for one
+row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's dtype. `python bench.py sample`
 measures each against transformers and the memory-bandwidth bound.
 """
 
@@ -324,7 +324,7 @@ class Engine:
         model = model.eval()
         self.weights_description = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
         if weights is not None:
-            model, self.weights_description = decode_weights.prepare(model, weights)
+            model, self.weights_description = decode_weights.prepare(model, weights, batch=max_batch)
         self.model = model
         weight = model.transformer.wte.weight
         self.device = weight.device

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decode_weights
-from decode_weights import Int8Linear, OneDNNLinear, prepare
+from decode_weights import Int8Linear, OneDNNLinear, SplitLinear, prepare
 from engine import Engine, SamplingParams
 from model import GPT, GPTConfig
 
@@ -25,19 +25,26 @@ def tiny(seed: int = 0, **overrides) -> GPT:
     return model.eval()
 
 
+LAYOUTS = {"onednn": OneDNNLinear, "split2": lambda linear, dtype: SplitLinear(linear, dtype, parts=2),
+           "split3": lambda linear, dtype: SplitLinear(linear, dtype, parts=3)}  # 3: 80 columns need a padded block
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_linear_equals_f_linear(bias, dtype):
-    if not decode_weights.onednn_available(dtype):
+def test_decoding_linears_equal_f_linear(layout, bias, dtype):
+    if layout == "onednn" and not decode_weights.onednn_available(dtype):
         pytest.skip(f"oneDNN's linear does not run in {dtype} on this CPU")
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias).to(dtype)
-    x = torch.randn(3, 5, 48, dtype=dtype)  # (B, T, C), as the blocks call it
-    with torch.no_grad():
-        ours, plain = OneDNNLinear(linear, dtype)(x), F.linear(x, linear.weight, linear.bias)
-    assert ours.shape == plain.shape == (3, 5, 80) and ours.dtype == dtype
+    layer = LAYOUTS[layout](linear, dtype)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: summation order moves the last bit of 8
-    torch.testing.assert_close(ours, plain, rtol=tolerance, atol=tolerance)
+    for shape in [(3, 5, 48), (1, 1, 48), (4, 48)]:  # (B, T, C) as the blocks call it; one row; the head's (B, C)
+        x = torch.randn(*shape, dtype=dtype)
+        with torch.no_grad():
+            ours, plain = layer(x), F.linear(x, linear.weight, linear.bias)
+        assert ours.shape == plain.shape == (*shape[:-1], 80) and ours.dtype == dtype
+        torch.testing.assert_close(ours, plain, rtol=tolerance, atol=tolerance)
 
 
 def test_int8_linear_is_the_dequantised_matmul():
@@ -84,10 +91,12 @@ def test_engine_greedy_tokens_equal_across_fp32_kernels():
     prompts = [torch.randint(0, 96, (int(n),), generator=g).tolist() for n in (3, 9, 1, 5)]
     params = SamplingParams(max_tokens=12, temperature=0.0)
     plain = Engine(model, max_batch=3).generate(prompts, params)
-    for kernel in ("torch", "onednn"):
+    names = {"torch": "torch", "onednn": "oneDNN", "split": "split bmm"}
+    classes = {"torch": nn.Linear, "onednn": OneDNNLinear, "split": SplitLinear}
+    for kernel in ("torch", "onednn", "split"):
         decoding, description = prepare(model, "float32", kernel=kernel)
-        assert description == f"float32 via {'oneDNN' if kernel == 'onednn' else 'torch'}"  # every Linear
-        assert isinstance(decoding.lm_head, OneDNNLinear) == (kernel == "onednn")
+        assert description == f"float32 via {names[kernel]}"  # every Linear
+        assert type(decoding.lm_head) is classes[kernel]
         assert Engine(decoding, max_batch=3).generate(prompts, params) == plain
     engine = Engine(model, max_batch=2, weights="float32")  # "auto": whichever timed faster here
     assert engine.weights_description.startswith("float32 via ")
@@ -95,8 +104,8 @@ def test_engine_greedy_tokens_equal_across_fp32_kernels():
     streamed = decode_weights.streamed_bytes(model, torch.float32)  # what each shape was timed with
     assert streamed == 4 * (2 * 12 * 32 * 32 + 96 * 32)  # 2 layers of 12 C^2 weights, and the head
     for layer in (auto.lm_head, auto.transformer.h[0].attn.c_attn, auto.transformer.h[1].mlp.c_proj):
-        chosen = decode_weights.linear_kernel(layer.in_features, layer.out_features, torch.float32, streamed)
-        assert isinstance(layer, OneDNNLinear) == (chosen == "onednn")
+        chosen = decode_weights.linear_kernel(layer.in_features, layer.out_features, torch.float32, streamed, batch=2)
+        assert type(layer) is classes[chosen]  # timed for one row and the engine's 2
     assert engine.generate(prompts, params) == plain
 
 
