@@ -23,7 +23,8 @@ without in vocabulary order: which one depends only on the row's own settings.
 
 Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
 (`weights`: float32 or bfloat16, each Linear through the kernel that timed fastest here for one
-row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's dtype. `python bench.py sample`
+row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's dtype,
+except that on a CPU the KV cache and attention stay in fp32. `python bench.py sample`
 measures each against transformers and the memory-bandwidth bound.
 """
 
@@ -141,7 +142,7 @@ class Sequence:
 
 class SlotCache:
     """Keys and values of `slots` sequences for every layer: k and v (n_layer, slots, nh,
-    block_size, hs). A slot holds one sequence; the engine tells the cache what the next forward
+    block_size, hs), in `dtype`. A slot holds one sequence; the engine tells the cache what the next forward
     pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls `update`."""
 
     def __init__(self, config, slots: int, device, dtype):
@@ -163,7 +164,9 @@ class SlotCache:
         self._mode, self._B, self._span, self._mask, self._positions = "decode", B, span, mask, positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over."""
+        """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over,
+        in the cache's dtype."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if self._mode == "prefill":
             self.k[layer, self._slot, :, : self._T] = k[0]
             self.v[layer, self._slot, :, : self._T] = v[0]
@@ -328,12 +331,15 @@ class Engine:
         self.model = model
         weight = model.transformer.wte.weight
         self.device = weight.device
-        self.dtype = weight.dtype  # activations and the cache
+        self.dtype = weight.dtype  # activations
+        # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
+        # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.block_size = cfg.block_size
         self.vocab_limit = vocab_limit
         self.context_shift = context_shift
         self.max_batch = max_batch
-        self.cache = SlotCache(cfg, max_batch, self.device, self.dtype)
+        self.cache = SlotCache(cfg, max_batch, self.device, self.cache_dtype)
         S, dev = max_batch, self.device
         # Per-slot state; rows 0..B-1 are the running sequences.
         self.rows: list[Sequence] = []

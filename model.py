@@ -103,7 +103,8 @@ class CausalSelfAttention(nn.Module):
         whose update(layer_idx, k, v) stores the new keys/values (B, nh, T, hs) and returns
         (keys, values, mask) to attend over: keys/values (B, nh, Tk, hs) and a bool mask
         broadcastable to (B, nh, T, Tk) (True = may attend), or mask None for plain causal
-        attention with T == Tk. engine.SlotCache is the one the project uses."""
+        attention with T == Tk; attention runs in the keys' dtype (a cache may keep them wider
+        than x). engine.SlotCache is the one the project uses."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -113,11 +114,12 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, Tk, hs), mask (B, 1, T, Tk) or None
+            q = q.to(k.dtype)
         if self.impl == "sdpa":
             y = self._sdpa(q, k, v, mask)
         else:
             y = self._manual(q, k, v, mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) heads side by side
+        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def _manual(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:

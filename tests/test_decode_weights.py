@@ -160,3 +160,23 @@ def test_sample_cli_runs_int8_and_refuses_a_width_it_cannot_run(tmp_path, capsys
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"error: --dtype int8 with {tmp_path / 'odd'}: int8 weights need n_embd divisible "
                                         f"by 16 (torch's int8 kernel), got 24; use bfloat16 or float32"]
+
+
+def test_bf16_weights_attend_in_fp32_on_the_cpu():
+    """bf16 weights, but the KV cache (and so attention) stays fp32 on a CPU, where torch's bf16
+    attention is slow: the engine's logprobs still follow the bf16 model's full forward pass."""
+    model = tiny()
+    engine = Engine(model, max_batch=2, weights="bfloat16")
+    assert engine.dtype == torch.bfloat16 and engine.cache.k.dtype == engine.cache.v.dtype == torch.float32
+    prompt = [5, 17, 3, 60]
+    out = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=0))
+    tokens = out[0]
+    with torch.no_grad():
+        full = torch.log_softmax(engine.model(torch.tensor([prompt + tokens]))[0][0].float(), dim=-1)
+    expected = full[len(prompt) - 1: -1].gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+    seqs = []
+    engine.add(prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=0), lambda s, o: seqs.append(o))
+    while engine.step():
+        pass
+    got = torch.tensor([o.logprob for o in seqs if o.token is not None])
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)  # bf16 rounding of q, k, v and of x
