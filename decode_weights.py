@@ -47,7 +47,7 @@ INT8_K_MULTIPLE = 16  # torch's int8 weight-only CPU kernel needs in_features di
 TIMED_BYTES = 1 << 26  # weights timed per round at most (64 MB): past any cache
 TIMED_REPS = 5  # timed calls per kernel and shape after one warm-up; the fastest counts
 
-_choice: dict[tuple, str] = {}  # this process's measurements, by (in, out, dtype, copies) as timed
+_choice: dict[tuple, str] = {}  # this process's measurements, by (in, out, dtype, copies, batch) as timed
 
 
 class OneDNNLinear(nn.Module):
@@ -79,11 +79,13 @@ class SplitLinear(nn.Module):
         width = -(-self.out_features // self.parts)  # columns per block
         padded = torch.zeros(self.in_features, width * self.parts, dtype=dtype)
         padded[:, : self.out_features] = linear.weight.detach().t()
-        self.weight_blocks = padded.view(self.in_features, self.parts, width).transpose(0, 1).contiguous()  # (parts, in, width)
-        bias = torch.zeros(width * self.parts, dtype=dtype)
+        blocks = padded.view(self.in_features, self.parts, width).transpose(0, 1)
+        self.weight_blocks = blocks.contiguous()  # (parts, in, width)
+        self.bias_blocks = None  # or (parts, 1, width)
         if linear.bias is not None:
+            bias = torch.zeros(width * self.parts, dtype=dtype)
             bias[: self.out_features] = linear.bias.detach()
-        self.bias_blocks = bias.view(self.parts, 1, width) if linear.bias is not None else None  # (parts, 1, width)
+            self.bias_blocks = bias.view(self.parts, 1, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(1, -1, self.in_features).expand(self.parts, -1, -1)  # (parts, R, in), no copy
@@ -92,7 +94,7 @@ class SplitLinear(nn.Module):
         else:
             y = torch.baddbmm(self.bias_blocks, rows, self.weight_blocks)  # (parts, R, width)
         y = y.transpose(0, 1).reshape(rows.size(1), -1)[:, : self.out_features]  # (R, out): a view for one row
-        return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -168,7 +170,8 @@ def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, str
             kernels = ("torch", "split", "onednn") if onednn_available(dtype) else ("torch", "split")
             candidates = {k: [laid_out(linear, k, dtype) for linear in linears] for k in kernels}
             inputs = [torch.full((rows, n_in), 0.5, dtype=dtype) for rows in sorted({1, batch})]
-            seconds = {name: sum(_time_fastest(lambda layers=layers, x=x: [layer(x) for layer in layers]) for x in inputs)
+            seconds = {name: sum(_time_fastest(lambda layers=layers, x=x: [layer(x) for layer in layers])
+                                 for x in inputs)  # one row, and the engine's batch
                        for name, layers in candidates.items()}
         _choice[key] = min(seconds, key=seconds.get)
     return _choice[key]

@@ -6,11 +6,11 @@ On a CPU, bf16 having instructions (AVX512-BF16, AMX) does not make it faster: o
 bf16 matmuls run at half fp32's speed, and batch-1 decoding can lose even where training wins.
 So "auto" on a CPU measures: once per process, a fraction of a second of fp32 against bf16 at
 the matmul shapes that dominate the model's work (`Workload`), and picks bf16 only where it is
-clearly faster (BF16_MIN_SPEEDUP); for decoding, both are timed as the engine runs them (weights
-laid out by decode_weights.py, read from where a decode step finds them). Where bf16 is emulated (neither instruction
-set) nothing is timed: fp32 wins there by far. The rates may be kept in a small JSON file
-(`cache_path`) keyed by the CPU, its core count and the torch version; a cache that cannot be
-read or written is ignored.
+clearly faster (BF16_MIN_SPEEDUP); for decoding, both are timed as the engine runs them
+(weights laid out by decode_weights.py, read from where a decode step finds them). Where bf16 is
+emulated (neither instruction set) nothing is timed: fp32 wins there by far. The rates may be
+kept in a small JSON file (`cache_path`) keyed by the CPU, its core count and the torch
+version; a cache that cannot be read or written is ignored.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ without in vocabulary order: which one depends only on the row's own settings.
 
 Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
 (`weights`: float32 or bfloat16, each Linear through the kernel that timed fastest here for one
-row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's dtype,
-except that on a CPU the KV cache and attention stay in fp32. `python bench.py sample`
+row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's
+dtype, except that on a CPU the KV cache and attention stay in fp32. `python bench.py sample`
 measures each against transformers and the memory-bandwidth bound.
 """
 
@@ -142,8 +142,9 @@ class Sequence:
 
 class SlotCache:
     """Keys and values of `slots` sequences for every layer: k and v (n_layer, slots, nh,
-    block_size, hs), in `dtype`. A slot holds one sequence; the engine tells the cache what the next forward
-    pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls `update`."""
+    block_size, hs), in `dtype`. A slot holds one sequence; the engine tells the cache what the
+    next forward pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls
+    `update`."""
 
     def __init__(self, config, slots: int, device, dtype):
         shape = (config.n_layer, slots, config.n_head, config.block_size, config.head_size)

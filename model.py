@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        mask = None
+        mask, dtype = None, q.dtype
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nh, Tk, hs), mask (B, 1, T, Tk) or None
             q = q.to(k.dtype)
@@ -119,7 +119,7 @@ class CausalSelfAttention(nn.Module):
             y = self._sdpa(q, k, v, mask)
         else:
             y = self._manual(q, k, v, mask)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) heads side by side
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def _manual(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
