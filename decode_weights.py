@@ -159,14 +159,10 @@ def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, str
     itemsize = torch.finfo(dtype).bits // 8
     budget = max(1, min(TIMED_BYTES, streamed_bytes) // itemsize)  # weights per round
     n_out = min(n_out, max(1, budget // n_in))  # the shape timed, and so the key: a head and its slice agree
-    copies = max(1, budget // (n_in * n_out))
-    key = (n_in, n_out, dtype, copies, batch)
+    key = (n_in, n_out, dtype, budget // (n_in * n_out), batch)
     if key not in _choice:
         with torch.no_grad():
-            linears = [nn.utils.skip_init(nn.Linear, n_in, n_out, dtype=dtype) for _ in range(copies)]  # filled below
-            for linear in linears:
-                nn.init.constant_(linear.weight, 0.01)
-                nn.init.zeros_(linear.bias)
+            linears = timing_linears(n_in, n_out, dtype, streamed_bytes)
             kernels = ("torch", "split", "onednn") if onednn_available(dtype) else ("torch", "split")
             candidates = {k: [laid_out(linear, k, dtype) for linear in linears] for k in kernels}
             inputs = [torch.full((rows, n_in), 0.5, dtype=dtype) for rows in sorted({1, batch})]
@@ -175,6 +171,20 @@ def linear_kernel(n_in: int, n_out: int, dtype: torch.dtype = torch.float32, str
                        for name, layers in candidates.items()}
         _choice[key] = min(seconds, key=seconds.get)
     return _choice[key]
+
+
+def timing_linears(n_in: int, n_out: int, dtype: torch.dtype, streamed_bytes: int) -> list[nn.Linear]:
+    """Copies of an (n_out, n_in) Linear in dtype, constant weights and zero bias, that together
+    hold streamed_bytes (up to 64 MB; at least one): timed in turn, each is read from where a
+    decode step streaming that many bytes finds it (the CPU's cache or memory)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    copies = max(1, min(TIMED_BYTES, streamed_bytes) // (n_in * n_out * itemsize))
+    linears = [nn.utils.skip_init(nn.Linear, n_in, n_out, dtype=dtype) for _ in range(copies)]  # filled, not drawn
+    with torch.no_grad():
+        for linear in linears:
+            nn.init.constant_(linear.weight, 0.01)
+            nn.init.zeros_(linear.bias)
+    return linears
 
 
 def streamed_bytes(model: nn.Module, dtype: torch.dtype) -> int:

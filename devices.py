@@ -160,13 +160,9 @@ def _decode_call(n_in: int, n_out: int, dtype: torch.dtype, streamed_bytes: int)
     weight to hold the bytes a decode step streams (up to 64 MB), so it is read from where a
     decode step finds it (cache or memory)."""
     kernel = decode_weights.linear_kernel(n_in, n_out, dtype, streamed_bytes)
-    itemsize = torch.finfo(dtype).bits // 8
-    layers = []
     with torch.no_grad():
-        for _ in range(max(1, min(decode_weights.TIMED_BYTES, streamed_bytes) // (n_in * n_out * itemsize))):
-            linear = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, bias=False, dtype=dtype)
-            torch.nn.init.constant_(linear.weight, 0.01)
-            layers.append(decode_weights.laid_out(linear, kernel, dtype))
+        layers = [decode_weights.laid_out(linear, kernel, dtype)
+                  for linear in decode_weights.timing_linears(n_in, n_out, dtype, streamed_bytes)]
     x = torch.full((1, n_in), 0.5, dtype=dtype)
     turn = itertools.cycle(layers)
     return lambda: next(turn)(x)
