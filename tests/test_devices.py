@@ -8,6 +8,7 @@ import torch
 
 import devices
 import train
+import train_config
 from devices import Bf16Speed, Workload
 from errors import ShardError
 
@@ -132,7 +133,7 @@ def seed_cache(workload: Workload, fp32: float, bf16: float) -> None:
 
 
 def tiny_workload() -> Workload:
-    cfg = train.load_config(tiny_args("unused", "unused"))
+    cfg = train_config.load_config(tiny_args("unused", "unused"))
     return Workload("batched", cfg.model.n_embd, cfg.model.n_layer, VOCAB)
 
 

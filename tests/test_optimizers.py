@@ -15,11 +15,13 @@ from accelerate.state import AcceleratorState
 
 import checkpoints
 import train
+import train_config
 from conftest import ROOT, VOCAB, failure, tiny_args, torchrun
 from errors import ConfigError
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
-from train import TrainConfig, lr_at, make_optimizers, param_groups, with_derived
+from train import lr_at, make_optimizers, param_groups
+from train_config import TrainConfig, with_derived
 
 MUON = ["--optimizer=muon", "--muon_lr=0.02"]  # at tiny.py's width, a rate at which Muon visibly trains
 
@@ -100,7 +102,7 @@ def test_a_torch_without_muon_is_named(monkeypatch):
 
 
 def test_the_muon_config_is_valid():
-    cfg = with_derived(train.load_config([str(ROOT / "configs" / "gpt2_124m_muon.py")]), world_size=8)
+    cfg = with_derived(train_config.load_config([str(ROOT / "configs" / "gpt2_124m_muon.py")]), world_size=8)
     assert (cfg.optimizer, cfg.tokens_per_step, cfg.grad_accum_steps) == ("muon", 524_288, 2)
 
 

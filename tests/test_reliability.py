@@ -24,6 +24,7 @@ import atomic
 import checkpoints
 import conftest
 import train
+import train_config
 from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, tiny_args, wait_until
 from errors import ConfigError, DivergenceError, ShardError
 from shards import write_shard
@@ -322,7 +323,7 @@ def test_out_dir_that_is_a_file(data_dir, tmp_path):
 def test_help_lists_every_field_and_exits_0():
     proc = run_command("train.py", "--help")
     assert proc.returncode == 0, proc.stderr
-    for key in train.config_keys():
+    for key in train_config.config_keys():
         assert f"--{key}=" in proc.stdout, key
     assert re.search(r"--learning_rate=0\.0006 +float\. peak", proc.stdout)
     assert re.search(r"--grad_accum_steps=None +int or None\.", proc.stdout)
