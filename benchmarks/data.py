@@ -86,7 +86,7 @@ def base_text(text_file: str | None = None) -> tuple[str, str]:
     built-in Shakespeare plays that prepare_data.py --dataset shakespeare reads."""
     if text_file is not None:
         return Path(text_file).read_text(encoding="utf-8"), Path(text_file).name
-    from prepare_data import read_shakespeare, shakespeare_play_files
+    from documents import read_shakespeare, shakespeare_play_files
 
     return "\n".join(read_shakespeare(shakespeare_play_files()[0])), "the built-in shakespeare plays"
 
