@@ -135,6 +135,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> 
     return errors[0]
 
 
+def run_prepare_data(capsys, *argv) -> tuple[int, str, str]:
+    """prepare_data.main in this process on argv (each made a str): (exit status, stdout, stderr)."""
+    import prepare_data
+
+    code = prepare_data.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The one `error: ...` line of stderr text `err` (asserted: exactly one, no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def children(pid: int) -> list[int]:
     """Process ids whose parent is `pid` (Linux /proc)."""
     found = []

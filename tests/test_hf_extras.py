@@ -16,7 +16,7 @@ import train
 from conftest import TINY, assert_one_line_error, latest, run_command
 from engine import Engine, SamplingParams
 from model import GPT, GPTConfig
-from prepare_data import read_shakespeare, shakespeare_play_files
+from documents import read_shakespeare, shakespeare_play_files
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_tokenizer
 
 TOKENIZER_FILES = ["merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]

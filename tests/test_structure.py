@@ -1,6 +1,7 @@
 """The layout promises of the README, checked on the source itself: model.py holds only the model
 (it imports torch and the loss head, never file helpers or the tokenizer), the modules import each
-other without cycles, and no function outside bench.py grows past a readable page."""
+other without cycles, no function grows past a readable page and no file past a few (the benchmark
+sections in benchmarks/ included), and no benchmark section imports the bench.py entry point."""
 
 from __future__ import annotations
 
@@ -11,13 +12,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+BENCHMARKS = sorted(f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py"))
 MAX_FUNCTION_LINES = 70
+MAX_FILE_LINES = 700
 MAX_GPT_LINES = 160
+
+
+def source(module: str) -> Path:
+    """The file of a top-level module ("train") or a package module ("benchmarks.data")."""
+    return ROOT / f"{module.replace('.', '/')}.py"
 
 
 def own_imports(module: str) -> set[str]:
     """The project modules `module` imports anywhere in its source (top level or inside functions)."""
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    tree = ast.parse(source(module).read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -52,17 +60,26 @@ def test_project_modules_import_each_other_without_cycles():
 
 
 def _functions(module: str):
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    tree = ast.parse(source(module).read_text())
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             yield node
 
 
-def test_no_function_outside_bench_is_longer_than_a_page():
-    long = [f"{m}.py:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
-            for m in MODULES if m != "bench" for n in _functions(m)
+def test_no_function_is_longer_than_a_page():
+    long = [f"{source(m).relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for m in MODULES + BENCHMARKS for n in _functions(m)
             if not isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_benchmark_files_stay_short_and_never_import_the_entry_point():
+    assert BENCHMARKS, "benchmarks/ holds the bench.py sections"
+    long = [f"{source(m).relative_to(ROOT)} ({n} lines)" for m in ["bench"] + BENCHMARKS
+            if (n := len(source(m).read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+    importing = [m for m in BENCHMARKS if "bench" in own_imports(m)]
+    assert not importing, f"benchmark sections importing bench.py: {importing}"
 
 
 def test_gpt_class_stays_small():
