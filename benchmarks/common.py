@@ -52,7 +52,7 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
 
 def small_shape() -> dict:
     """configs/small.py's model shape, checked against SMALL."""
-    from train import load_config
+    from train_config import load_config
 
     cfg = load_config([str(ROOT / "configs" / "small.py")])
     shape = {k: getattr(cfg.model, k) for k in SMALL}

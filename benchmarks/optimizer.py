@@ -37,7 +37,8 @@ def run(steps: int = 5) -> None:
     the same random gradients, timed in turn; next to one forward + backward of a micro-batch, for
     scale. At configs/small.py's shape and at GPT-2 124M's."""
     from model import GPT, GPTConfig
-    from train import TrainConfig, make_optimizers, with_derived
+    from train import make_optimizers
+    from train_config import TrainConfig, with_derived
 
     print(f"optimizer step: {torch.get_num_threads()} threads on {cpu_name()}, torch {torch.__version__}; "
           f"medians of {steps} steps taken in turn")

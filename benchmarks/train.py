@@ -88,7 +88,7 @@ def run(steps: int = 7, compile: bool = True) -> None:
 
     from devices import native_bf16
     from model import GPT, GPTConfig
-    from train import load_config
+    from train_config import load_config
 
     shape = small_shape()
     cfg = load_config([str(ROOT / "configs" / "small.py")])
