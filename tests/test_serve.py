@@ -2,7 +2,9 @@
 project's own checkpoint writer) driven through the real `openai` client: completions streamed
 and not, prompt lists, n, stop strings, seeds, logprobs against the model's own log-softmax,
 greedy text equal to transformers' greedy decode alone and inside a busy batch, every error,
-the queue bound, a disconnect freeing its slots, and SIGTERM (last: it stops the server)."""
+the queue bound, a disconnect freeing its slots, the edge (413 unread, 415, 404/405, bodies that
+do not parse, the Bearer header, the playground's headers), and SIGTERM (it stops the server).
+A second server, last, checks --port 0 and the streams still open when --shutdown_timeout ends."""
 
 import base64
 import hashlib
@@ -483,8 +485,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
 def test_port_0_and_streams_open_past_the_shutdown_timeout_end_whole(tmp_path):
     """A second server (the first is stopped): --port 0 prints the port it got; --api_docs serves
     the schema; SIGTERM with --shutdown_timeout 0 while four streams are open (one decoding, three
-    queued behind --max_batch 1) ends each with a final chunk naming why and [DONE], logs one line
-    and no traceback, and exits 0."""
+    queued behind --max_batch 1) ends each with a final chunk naming why and [DONE], answers a
+    queued non-streamed request 503, logs one line and no traceback, and exits 0."""
     run_dir = tmp_path / NAME
     save_weights(run_dir, 1, tiny_model())
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--port", "0", "--max_batch", "1",
@@ -504,14 +506,21 @@ def test_port_0_and_streams_open_past_the_shutdown_timeout_end_whole(tmp_path):
         with httpx.Client(base_url=base, timeout=60) as client:
             for i in range(4):  # each admitted (its headers sent) before the next
                 stream = client.stream("POST", "/v1/completions", json={
-                    "model": NAME, "prompt": f"Stream {i}", "max_tokens": 200, "n": 1, "stream": True})
+                    "model": NAME, "prompt": f"Stream {i}", "max_tokens": 250, "n": 1, "stream": True})
                 response = stream.__enter__()
                 assert response.status_code == 200
                 streams.append((stream, response))
+            whole = {}
+            waiter = threading.Thread(target=lambda: whole.update(response=client.post("/v1/completions", json={
+                "model": NAME, "prompt": "Whole", "max_tokens": 250})))
+            waiter.start()
+            assert wait_until(lambda: client.get("/health").json()["waiting"] == 4, 30)  # 3 streams + it
             proc.send_signal(signal.SIGTERM)
             for stream, response in streams:
                 events.append([line.removeprefix("data: ") for line in response.iter_lines() if line])
                 stream.__exit__(None, None, None)
+            waiter.join(timeout=30)
+        assert whole["response"].status_code == 503 and whole["response"].json()["error"]["code"] == "server_shutdown"
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
