@@ -21,21 +21,30 @@ is loaded by the same helper. Endpoints:
 Every request is tokenized here and runs on one engine.Engine in a background thread, so
 requests decode together (continuous batching, --max_batch slots). At most --max_queue further
 sequences wait for a slot; past that a request gets 429. Errors have OpenAI's JSON shape
-({"error": {"message", "type", "param", "code"}}): 400 for a bad field or a prompt + max_tokens
-past the context, 401 for a missing or wrong API key (--api_key or $SERVE_API_KEY), 404 for an
-unknown model, 429 for a full queue. A client that disconnects has its sequences cancelled at
-the next decode step. SIGTERM (or Ctrl-C) stops accepting connections, lets running requests
-finish for up to --shutdown_timeout seconds, cancels the rest and exits 0. One line per request
-goes to stderr: tokens in and out, time to first token, tokens/s, finish reasons.
+({"error": {"message", "type", "param", "code"}}): 400 for a body that is not JSON, a bad field or
+a prompt + max_tokens past the context, 401 for a missing or wrong API key (--api_key or
+$SERVE_API_KEY), 404 for an unknown model or route, 405 for a wrong method, 413 for a body past
+--max_request_bytes (refused before it is read), 415 for a body not sent as application/json,
+429 for a full queue. A client that disconnects has its sequences cancelled at the next decode
+step. SIGTERM (or Ctrl-C) stops accepting connections and lets running requests finish for up to
+--shutdown_timeout seconds; then each open stream gets a final chunk (finish_reason 'shutdown' and
+an error object) and `data: [DONE]`, other requests a 503, and the server exits 0. One line per
+request goes to stderr: tokens in and out, time to first token, tokens/s, finish reasons. FastAPI's
+/docs, /redoc and /openapi.json are off unless --api_docs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import gc
+import hashlib
+import hmac
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -57,6 +66,7 @@ try:  # the optional `serve` extra; run() says how to install it when it is miss
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:
     _MISSING_EXTRA: ImportError | None = err
 else:
@@ -67,6 +77,12 @@ MAX_LOGPROBS = 5  # alternatives per token (OpenAI's limit)
 MAX_N = 128
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 API_KEY_ENV = "SERVE_API_KEY"
+# A legal request is at most --max_batch + --max_queue prompts (40 by default) of at most block_size
+# tokens (1,024 for GPT-2): as token ids ~7 bytes of JSON each (~7 KB a prompt), as text rarely
+# more than ~8 bytes a token even with escapes. 4 MiB holds that ten times over and is read and
+# parsed in well under a second.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+FINISH_SHUTDOWN = "shutdown"  # the finish_reason of a choice the server ended because it is stopping
 PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
 
 
@@ -77,6 +93,7 @@ class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
              429: "rate_limit_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -300,8 +317,11 @@ class Server:
         return self.enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
 
     def completion(self, body) -> CompletionRequest:
-        """Check one /v1/completions body against the model and the queue bound. Raises APIError."""
+        """Check one /v1/completions body against the model and tokenize it; runs off the event loop
+        (a large prompt takes a while). Raises APIError."""
         model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, f"'model' must be a string, got {json.dumps(model)[:80]}", "model")
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
                            "model", "model_not_found")
@@ -310,14 +330,21 @@ class Server:
         if count > self.capacity:
             raise APIError(400, f"this request asks for {count} sequences ({len(req.prompts)} prompts x n={req.n}); "
                                 f"the server holds at most {self.capacity} (--max_batch + --max_queue)", "n")
+        return req
+
+    def admit(self, req: CompletionRequest) -> None:
+        """Check the queue bound for `req` (event-loop thread only). Raises APIError (429)."""
+        count = len(req.prompts) * req.n
         if self.outstanding + count > self.capacity:
             raise APIError(429, f"the server is busy: {self.outstanding} sequences running or queued, {count} more "
                                 f"would pass its bound of {self.capacity} (--max_batch + --max_queue); retry later")
-        return req
 
 
-def build_app(server: Server):
-    """The FastAPI application for `server`."""
+def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_docs: bool = False):
+    """The FastAPI application for `server`. A body past `max_request_bytes` gets 413 without being
+    read whole; `api_docs` serves /docs, /redoc and /openapi.json. `app.state.end_requests(why)`
+    ends every open request now (streams with a final chunk and `data: [DONE]`, the others with a
+    503); run() calls it when --shutdown_timeout has passed after SIGTERM."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -325,18 +352,34 @@ def build_app(server: Server):
         yield
         server.stop()
 
-    app = FastAPI(title="gpt2-accelerate", lifespan=lifespan)
+    docs = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"}
+    app = FastAPI(title="gpt2-accelerate", lifespan=lifespan, **(docs if api_docs else dict.fromkeys(docs)))
 
+    # Pure ASGI middleware; the last added runs first: the key is checked before a body is read.
+    app.add_middleware(_LimitBody, limit=max_request_bytes)
     if server.api_key is not None:
-        app.add_middleware(_RequireKey, key=server.api_key)
+        app.add_middleware(_RequireKey, key=server.api_key,
+                           open_paths=frozenset({"/", *(docs.values() if api_docs else ())}))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        """Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's shape."""
+        message = {404: f"there is no route {request.url.path}",
+                   405: f"{request.url.path} does not accept {request.method}"}.get(err.status_code, str(err.detail))
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=err.headers)
+
+    block_size = server.config.block_size
+    page = (server.playground.replace("{{block_size}}", str(block_size))
+            .replace("{{max_tokens}}", str(min(64, max(1, block_size // 2)))))  # room for the prompt
+    playground_headers = {"X-Frame-Options": "DENY", "Content-Security-Policy": _playground_policy(page)}
+
     @app.get("/", response_class=HTMLResponse)
     async def playground():
-        return server.playground
+        return HTMLResponse(page, headers=playground_headers)
 
     @app.get("/health")
     async def health():
@@ -346,43 +389,207 @@ def build_app(server: Server):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "gpt2-accelerate", "max_model_len": server.config.block_size}]}
+                                            "owned_by": "gpt2-accelerate", "max_model_len": block_size}]}
+
+    stopping = _Stopping(server)
+    app.state.end_requests = stopping.end
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         start = time.perf_counter()
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON ({err})") from None
-        req = server.completion(body)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
+                                f"{media_type or 'no Content-Type'!r}")
+        req = await asyncio.to_thread(_parse_body, server, await request.body())
+        server.admit(req)
         run = _Run(server, req, start, request)
         if req.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream",
+            return StreamingResponse(stopping.stream(run), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await run.whole())
+        return JSONResponse(await stopping.whole(run))
 
     return app
 
 
+def _parse_body(server: Server, raw: bytes) -> CompletionRequest:
+    """A /v1/completions body as a checked request; run on a worker thread, as parsing and
+    tokenizing a large body takes a while. Raises APIError (400 for anything unparsable)."""
+    with _collector_paused():
+        try:
+            body = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+            raise APIError(400, f"the request body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+        try:
+            return server.completion(body)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
+
+
+class _Stopping:
+    """Ends the open requests when the server stops: `end(why)` (run() calls it once
+    --shutdown_timeout has passed after SIGTERM) gives each open stream a final chunk with
+    finish_reason 'shutdown' and an error object, then `data: [DONE]`, and each other request a
+    503, where uvicorn would cut them mid-body. Event-loop thread only."""
+
+    def __init__(self, server: Server):
+        self.server, self.event, self.open = server, asyncio.Event(), 0
+
+    def end(self, why: str) -> None:
+        self.event.set()
+        if self.open:
+            self.server.log(f"stopping: {why}; ending {self.open} open request(s) (streams get a final chunk with "
+                            f"finish_reason '{FINISH_SHUTDOWN}' and [DONE], the others 503)")
+
+    @staticmethod
+    def error() -> APIError:
+        return APIError(503, "the server is shutting down (--shutdown_timeout passed); retry later",
+                        None, "server_shutdown")
+
+    @contextlib.asynccontextmanager
+    async def _watch(self):
+        """A task that finishes when `end` is called, for the duration of one request."""
+        self.open += 1
+        ended = asyncio.ensure_future(self.event.wait())
+        try:
+            yield ended
+        finally:
+            self.open -= 1
+            ended.cancel()
+
+    async def whole(self, run: _Run) -> dict:
+        """run.whole(), or a 503 when the server stops first."""
+        answer = asyncio.ensure_future(run.whole())
+        try:
+            async with self._watch() as ended:
+                await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                answer.cancel()  # run.whole() cancels the sequences and logs the request
+                await asyncio.wait({answer})
+                raise self.error()
+            return answer.result()
+        finally:
+            answer.cancel()  # a no-op once it is done
+
+    async def stream(self, run: _Run):
+        """run.sse()'s chunks; when the server stops first, a final chunk for the open choices and [DONE]."""
+        chunks, step = run.sse(), None
+        try:
+            async with self._watch() as ended:
+                while True:
+                    step = asyncio.ensure_future(anext(chunks))
+                    await asyncio.wait({step, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    if not step.done():
+                        break
+                    try:
+                        chunk = step.result()
+                    except StopAsyncIteration:
+                        return
+                    yield chunk
+            step.cancel()  # run.sse() cancels the sequences and logs the request
+            await asyncio.wait({step})
+            cut = [{"text": "", "index": c.index, "logprobs": None, "finish_reason": FINISH_SHUTDOWN}
+                   for c in run.choices if c.finish_reason is None]
+            last = {"id": run.id, "object": "text_completion", "created": run.created,
+                    "model": self.server.model_name, "choices": cut, **self.error().body()}
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if step is not None:
+                step.cancel()
+            if not chunks.ag_running:  # else the cancelled step finishes it
+                await chunks.aclose()
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for a while. A parsed body is containers without
+    cycles, yet building one of 800,000 lists (4 MB of JSON) set off full collections that took
+    2 of the 2.05 s json.loads ran, holding the GIL: the event loop stalled for seconds. The
+    collector is turned back on by whoever turned it off, so overlapping parses never leave it off."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _playground_policy(page: str) -> str:
+    """A Content-Security-Policy that lets `page` run its own inline script and style (by their
+    SHA-256) and fetch from this server, and nothing else: no other scripts, no framing."""
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+                        for text in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S))
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+            f"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 class _RequireKey:
-    """ASGI middleware: every HTTP request but the playground page needs 'Authorization: Bearer
-    <key>', else a 401 in OpenAI's error shape. Plain ASGI, not Starlette's BaseHTTPMiddleware,
+    """ASGI middleware: every HTTP request but GETs of `open_paths` (the playground page) needs
+    'Authorization: Bearer <key>' (the scheme in any case, RFC 7235), else a 401 in OpenAI's error
+    shape; the key is compared in constant time. Plain ASGI, not Starlette's BaseHTTPMiddleware,
     which would pass every streamed chunk through an extra task and memory stream."""
 
-    def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
+    def __init__(self, app, key: str, open_paths: frozenset):
+        self.app, self.key, self.open_paths = app, key.encode("latin-1"), open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not (scope["path"] == "/" and scope["method"] == "GET"):
+        if scope["type"] == "http" and not (scope["method"] == "GET" and scope["path"] in self.open_paths):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if given != self.expected:
+            scheme, _, token = given.strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
                 what = "no API key was given" if not given else "the API key is wrong"
                 error = APIError(401, f"{what}: send 'Authorization: Bearer <key>' (the server's --api_key)",
                                  None, "invalid_api_key")
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _LimitBody:
+    """ASGI middleware: a request body past `limit` bytes gets 413 in OpenAI's error shape without
+    being read whole: at once when its Content-Length says so, else (a chunked body) as soon as the
+    bytes received pass the limit. A body within it is read here and handed on in one message."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(f"is {int(length)} bytes", scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(f"passed {self.limit} bytes", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the body once, then what the client does next (a disconnect)
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, what: str, scope, receive, send) -> None:
+        error = APIError(413, f"the request body {what}, more than this server takes ({self.limit} bytes, "
+                              f"--max_request_bytes)", None, "request_too_large")
+        await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
 class _Run:
@@ -584,7 +791,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "CPU, docs/benchmarks.md), or auto (bf16 where it is clearly faster for one "
                                           "stream at this model's shapes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000,
+                   help="port to listen on (default: 8000; 0: a free one, printed at start)")
     p.add_argument("--model_name", default=None, help="the model's name in the API (default: the checkpoint's directory name)")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max_queue", type=int, default=32, help="sequences that may wait for a slot; more get 429")
@@ -594,7 +802,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads the model computes with (default: all but one, which the HTTP side gets; "
                         "on 2 cores that measured faster for 1 and 16 streams at small.py's shape, docs/benchmarks.md)")
     p.add_argument("--shutdown_timeout", type=float, default=10.0,
-                   help="seconds running requests may take to finish after SIGTERM before they are cancelled")
+                   help="seconds running requests may take to finish after SIGTERM; then each open stream gets a "
+                        "final chunk (finish_reason 'shutdown', an error object) and [DONE], the other requests 503")
+    p.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"larger request bodies get 413 unread (default: {DEFAULT_MAX_REQUEST_BYTES} = 4 MiB; the "
+                        "largest legal request at the defaults, 40 prompts of 1,024 token ids, is ~0.3 MB of JSON)")
+    p.add_argument("--api_docs", action="store_true",
+                   help="serve FastAPI's /docs, /redoc and /openapi.json (default: off)")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be in [0, 65535], got {args.port}")
@@ -606,6 +820,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key:
         p.error("--api_key is empty")
+    if args.max_request_bytes < 1:
+        p.error(f"--max_request_bytes must be >= 1, got {args.max_request_bytes}")
+    if args.shutdown_timeout < 0:
+        p.error(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
     return args
 
 
@@ -613,12 +831,18 @@ def run(args: argparse.Namespace) -> None:
     if _MISSING_EXTRA is not None:
         raise ServeError(f"serve.py needs the serve extra ({_MISSING_EXTRA.name} is missing): "
                          f"pip install -e \".[serve]\"")
-    with socket.socket() as probe:  # say so now, not after loading the model
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((args.host, args.port))
-        except OSError as err:
-            raise ServeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    if args.api_key is not None and not args.api_key.isascii():  # clients differ in how they encode other text
+        raise ServeError("--api_key (or $SERVE_API_KEY) must be ASCII: it is sent in an HTTP header")
+    # Bound now, to say so before loading the model when the port is taken, and to know the port
+    # that --port 0 got; uvicorn listens on this socket.
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as err:
+        listener.close()
+        raise ServeError(f"cannot listen on {args.host}:{args.port}: {err.strerror}") from None
+    port = listener.getsockname()[1]
     enc = gpt2_tokenizer()
     torch.set_num_threads(args.threads)  # before load_for_inference times anything
     loaded = checkpoints.load_for_inference(args, "decode")
@@ -629,14 +853,24 @@ def run(args: argparse.Namespace) -> None:
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
           f"{device}, {server.engine.weights_description}, {args.threads} thread(s), max_batch={args.max_batch}, "
           f"max_queue={args.max_queue}"
-          f"{', API key required' if args.api_key else ''}) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    config = uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+          f"{', API key required' if args.api_key else ''}) on http://{args.host}:{port}", file=sys.stderr, flush=True)
+    app = build_app(server, args.max_request_bytes, args.api_docs)
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            """uvicorn's graceful shutdown, with the open requests ended by the app itself once
+            --shutdown_timeout has passed (uvicorn would cut them mid-body)."""
+            asyncio.get_running_loop().call_later(args.shutdown_timeout, app.state.end_requests,
+                                                  f"--shutdown_timeout={args.shutdown_timeout:g} s passed")
+            await super().shutdown(sockets)
+
+    # uvicorn's own limit is a backstop: the final chunks need a moment to go out.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout + 5)
     # uvicorn re-raises the signal that stopped it once it has shut down; a SIGTERM or Ctrl-C that
     # ends in a clean shutdown is a normal exit here (status 0), so the handler it restores ignores it.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    Uvicorn(config).run(sockets=[listener])
     print("stopped", file=sys.stderr, flush=True)
 
 

@@ -2,8 +2,12 @@
 project's own checkpoint writer) driven through the real `openai` client: completions streamed
 and not, prompt lists, n, stop strings, seeds, logprobs against the model's own log-softmax,
 greedy text equal to transformers' greedy decode alone and inside a busy batch, every error,
-the queue bound, a disconnect freeing its slots, and SIGTERM (last: it stops the server)."""
+the queue bound, a disconnect freeing its slots, the edge (413 unread, 415, 404/405, bodies that
+do not parse, the Bearer header, the playground's headers), and SIGTERM (it stops the server).
+A second server, last, checks --port 0 and the streams still open when --shutdown_timeout ends."""
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -18,12 +22,14 @@ import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import httpx
 import openai
 import pytest
 import torch
 
 from conftest import ROOT, env, save_weights, wait_until
 from model import GPT, GPTConfig
+from serve import DEFAULT_MAX_REQUEST_BYTES
 from tokenizer import gpt2_tokenizer
 
 KEY = "test-key"
@@ -294,6 +300,112 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slots(server):
     assert any("cancelled" in line for line in server["lines"]), server["lines"][-5:]
 
 
+def raw_request(server, head: str, body_parts=(), timeout: float = 10) -> tuple[int, dict]:
+    """Send `head` (request line and headers, no blank line) and `body_parts` over one socket;
+    the status and JSON body of the answer (read until the server closes)."""
+    host, port = server["base"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n")
+        for part in body_parts:
+            sock.sendall(part)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    headers, _, body = data.partition(b"\r\n\r\n")
+    return int(headers.split()[1]), json.loads(body)
+
+
+def post_raw(server, body: bytes, content_type: str = "application/json", key: str = KEY) -> httpx.Response:
+    return httpx.post(server["base"] + "/v1/completions", content=body, timeout=30,
+                      headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"})
+
+
+def test_a_body_past_max_request_bytes_is_413_unread(server):
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json"
+    start = time.perf_counter()  # the body is never sent: only its announced length is refused
+    status, body = raw_request(server, head + "\r\nContent-Length: 100000000")
+    assert status == 413 and time.perf_counter() - start < 5
+    assert body["error"]["code"] == "request_too_large" and "--max_request_bytes" in body["error"]["message"]
+    # Chunked: refused once the bytes received pass the limit (the client stops there, unanswered till then).
+    piece = 65536
+    parts = [f"{piece:x}\r\n".encode() + b" " * piece + b"\r\n"] * (DEFAULT_MAX_REQUEST_BYTES // piece) + [b"1\r\n \r\n"]
+    status, body = raw_request(server, head + "\r\nTransfer-Encoding: chunked", parts)
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_health_answers_while_a_large_prompt_is_parsed(server):
+    """800,000 one-token prompts (4 MB, under the limit) take the server a second or more to check;
+    /health answers meanwhile, as that work runs off the event loop."""
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(reply=http(
+        "POST", server["base"] + "/v1/completions", {"model": NAME, "prompt": [[1]] * 800_000, "max_tokens": 1}, KEY)))
+    start = time.perf_counter()
+    thread.start()
+    latencies = []
+    while thread.is_alive():
+        asked = time.perf_counter()
+        assert http("GET", server["base"] + "/health", key=KEY)[0] == 200
+        latencies.append(time.perf_counter() - asked)
+    elapsed = time.perf_counter() - start
+    status, body = answer["reply"]
+    assert status == 400 and "800000 sequences" in body["error"]["message"], body  # past --max_batch + --max_queue
+    assert len(latencies) >= 3 and max(latencies) < elapsed / 3, (latencies, elapsed)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"\xff\xfe{}", b"[" * 2000 + b"]" * 2000,
+                                  b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"n": ' + b"1" * 5000 + b"}",
+                                  b"[1]", b'{"model": 5, "prompt": "Hi"}', b'{"model": ["tiny"], "prompt": "Hi"}'])
+def test_every_unparsable_body_is_an_openai_400(server, body):
+    response = post_raw(server, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_routes_methods_and_media_types_are_openai_errors(server):
+    def call(method, path, **kwargs):
+        response = httpx.request(method, server["base"] + path, headers={"Authorization": f"Bearer {KEY}",
+                                 **kwargs.pop("headers", {})}, timeout=30, **kwargs)
+        return response.status_code, response.json()["error"]
+
+    for path in ("/nowhere", "/v1/chat/completions", "/docs", "/redoc", "/openapi.json"):  # no --api_docs: none
+        status, error = call("GET", path)
+        assert status == 404 and path in error["message"], (path, error)
+    status, error = call("GET", "/v1/completions")
+    assert status == 405 and "GET" in error["message"]
+    assert call("DELETE", "/health")[0] == 405
+    body = json.dumps({"model": NAME, "prompt": "Hi", "max_tokens": 2})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, error = call("POST", "/v1/completions", content=body, headers={"Content-Type": content_type})
+        assert status == 415 and "application/json" in error["message"], (content_type, error)
+    response = post_raw(server, body.encode(), "application/json; charset=utf-8")
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_bearer_is_any_case_and_the_key_exact(server):
+    for authorization, status in ((f"bearer {KEY}", 200), (f"BEARER  {KEY}", 200), (f"Basic {KEY}", 401),
+                                  (f"Bearer {KEY}x", 401), (f"Bearer {KEY[:-1]}", 401), ("Bearer", 401)):
+        response = httpx.get(server["base"] + "/v1/models", headers={"Authorization": authorization}, timeout=30)
+        assert response.status_code == status, authorization
+        if status == 401:
+            assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_playground_forbids_framing_and_foreign_scripts_and_fits_the_context(server):
+    response = httpx.get(server["base"] + "/", timeout=30)  # no key: the page holds none
+    page, policy = response.text, response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    assert directives["connect-src"] == "'self'"
+    for tag in ("script", "style"):  # the page's own inline code, allowed by its hash and nothing else
+        inline = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        assert len(inline) == 1
+        digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+        assert directives[f"{tag}-src"] == f"'sha256-{digest}'"
+    slider = re.search(r'<input id="max_tokens"[^>]*>', page).group(0)
+    assert 'max="256"' in slider and 'value="64"' in slider, slider  # block_size 256: 64 leaves room
+
+
 def test_every_request_is_logged(server):
     started = next(line for line in server["lines"] if line.startswith("serving "))
     threads = max(1, torch.get_num_threads() - 1)  # all cores but one: the default
@@ -336,10 +448,19 @@ def test_bad_options_are_refused_before_anything_loads(capsys):
     from serve import parse_args
 
     for option, value, message in (("--threads", "0", "--threads must be >= 1, got 0"),
-                                   ("--max_batch", "0", "--max_batch must be >= 1, got 0")):
+                                   ("--max_batch", "0", "--max_batch must be >= 1, got 0"),
+                                   ("--max_request_bytes", "0", "--max_request_bytes must be >= 1, got 0")):
         with pytest.raises(SystemExit):
             parse_args(["--checkpoint", "nowhere", option, value])
         assert message in capsys.readouterr().err
+
+
+def test_a_key_no_header_can_carry_is_refused_at_start(capsys):
+    from serve import main
+
+    assert main(["--checkpoint", "nowhere", "--api_key", "cl\u00e9-\u2603"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --api_key") and "ASCII" in err, err
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
@@ -359,3 +480,70 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     assert len(texts[0]) > 0
     with pytest.raises(openai.APIConnectionError):
         create(server, prompt="After", max_tokens=4)
+
+
+def test_port_0_and_streams_open_past_the_shutdown_timeout_end_whole(tmp_path):
+    """A second server (the first is stopped): --port 0 prints the port it got; --api_docs serves
+    the schema; SIGTERM with --shutdown_timeout 0 while four streams are open (one decoding, three
+    queued behind --max_batch 1) ends each with a final chunk naming why and [DONE], answers a
+    queued non-streamed request 503, logs one line and no traceback, and exits 0."""
+    run_dir = tmp_path / NAME
+    save_weights(run_dir, 1, tiny_model())
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--port", "0", "--max_batch", "1",
+                             "--max_queue", "7", "--shutdown_timeout", "0", "--api_docs"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    try:
+        assert wait_until(lambda: any(line.startswith("serving ") for line in lines) or proc.poll() is not None, 120)
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)$", next(l for l in lines if l.startswith("serving "))
+                             .strip()).group(1))
+        base = f"http://127.0.0.1:{port}"
+        assert port != 0 and wait_until(lambda: _answers(base + "/health"), 60, 0.2), "".join(lines)
+        assert httpx.get(base + "/openapi.json", timeout=30).json()["info"]["title"] == "gpt2-accelerate"
+
+        streams, events = [], []
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for i in range(4):  # each admitted (its headers sent) before the next
+                stream = client.stream("POST", "/v1/completions", json={
+                    "model": NAME, "prompt": f"Stream {i}", "max_tokens": 250, "n": 1, "stream": True})
+                response = stream.__enter__()
+                assert response.status_code == 200
+                streams.append((stream, response))
+            whole = {}
+            waiter = threading.Thread(target=lambda: whole.update(response=client.post("/v1/completions", json={
+                "model": NAME, "prompt": "Whole", "max_tokens": 250})))
+            waiter.start()
+            assert wait_until(lambda: client.get("/health").json()["waiting"] == 4, 30)  # 3 streams + it
+            proc.send_signal(signal.SIGTERM)
+            for stream, response in streams:
+                events.append([line.removeprefix("data: ") for line in response.iter_lines() if line])
+                stream.__exit__(None, None, None)
+            waiter.join(timeout=30)
+        assert whole["response"].status_code == 503 and whole["response"].json()["error"]["code"] == "server_shutdown"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    cut = 0
+    for received in events:
+        assert received[-1] == "[DONE]", received[-3:]
+        last = json.loads(received[-2])
+        assert [c["index"] for c in last["choices"]] == [0]
+        if last["choices"][0]["finish_reason"] == "shutdown":
+            cut += 1
+            assert last["error"]["code"] == "server_shutdown" and "shutting down" in last["error"]["message"]
+        else:
+            assert last["choices"][0]["finish_reason"] == "length" and "error" not in last
+    assert cut >= 3  # the three queued ones at least
+    log = "".join(lines)
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    assert len([line for line in lines if line.startswith("stopping: ")]) == 1, log[-3000:]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
