@@ -60,7 +60,7 @@ def run_copy(run4, tmp_path):
 
 def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_dir, tmp_path):
     """A real run holds out_dir: a second start (new or resume) exits 2 naming its pid and touches
-    nothing; once the holder is killed with -9, the kernel has released the lock and a resume runs."""
+    nothing, also after its .lock file was deleted (the lock is on the directory); once the holder is killed with -9, the kernel has released the lock and a resume runs."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=100000",
                                "--ckpt_interval=1", "--eval_interval=100000", "--log_interval=1000")],
@@ -70,6 +70,16 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_di
         for extra in ([], ["--init_from=resume"], ["--overwrite=true"]):
             proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", *extra))
             assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started")
+        # The lock is the directory's, not the .lock file's: deleting that file lets nobody in.
+        (out / atomic.LOCK_FILE).unlink()
+        proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
+        assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started",
+                              f"({atomic.LOCK_FILE} was deleted)")
+        assert not (out / atomic.LOCK_FILE).exists(), "a refused run writes no lock file"
+        assert (out / "log.jsonl").is_file() and (out / "train_config.json").is_file()
+        newest = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
+        assert wait_until(lambda: checkpoints.step_of(checkpoints.list_checkpoints(out)[-1]) > newest, timeout=120)
+        assert holder.poll() is None, "the holder runs on"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -145,6 +155,30 @@ def test_overwrite_keeps_a_users_files_with_run_names(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"holds files this project did not write .*config\.json"):
         main(*tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
     assert (out / "config.json").read_text() == '{"model_type": "gpt2", "n_layer": 2}'
+
+
+def test_overwrite_removes_only_checkpoints_whose_manifest_verifies(data_dir, run_copy):
+    """A user's directory that merely looks like a checkpoint (a step_ name and a meta.json), or a
+    real checkpoint with a file added, makes --overwrite refuse, naming it, and change nothing."""
+    thesis = checkpoints.step_dir(run_copy, 99)
+    thesis.mkdir()
+    (thesis / "meta.json").write_text('{"step": 99}')
+    (thesis / "thesis.txt").write_text("four years of work")
+    (checkpoints.step_dir(run_copy, 2) / "notes.txt").write_text("mine")
+    before = snapshot(run_copy)
+    with pytest.raises(ConfigError, match=r"not checkpoints this project wrote .*ckpt/step_0000002, "
+                                          r"ckpt/step_0000099\), which a run would not touch"):
+        main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
+    assert snapshot(run_copy) == before
+    (checkpoints.step_dir(run_copy, 2) / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match=r"ckpt/step_0000099\)"):
+        main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
+    assert (thesis / "thesis.txt").read_text() == "four years of work"
+    import shutil
+
+    shutil.move(thesis, run_copy.parent / "thesis")  # what the message asks for: then the run replaces the rest
+    main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--ckpt_interval=1", "--overwrite=true"))
+    assert [p.name for p in checkpoints.list_checkpoints(run_copy)] == ["step_0000001"]
 
 
 # ------------------------------------------------------------------ every file a resume loads is verified
