@@ -101,6 +101,39 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
     return found
 
 
+def is_own(ckpt: Path) -> bool:
+    """Whether `ckpt` is a checkpoint this project wrote, whole: its meta.json records a size and a
+    SHA-256 for every file (as `finish` writes it), each file matches, and nothing else is there
+    (no other file, no symlink, no empty directory). Only such a directory may be deleted as a
+    run's output."""
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        return False
+    try:
+        meta = verify(ckpt, need_state=False)
+    except (CheckpointError, OSError):
+        return False
+    listed = set(meta.get("files", {}))
+    if meta.get("sha256") is None or not listed:
+        return False
+    needed = {META_FILE} | listed | {str(parent) for name in listed for parent in Path(name).parents if str(parent) != "."}
+    for path in ckpt.rglob("*"):
+        name = str(path.relative_to(ckpt))
+        if path.is_symlink() or name not in needed or (path.is_file() and name != META_FILE and name not in listed):
+            return False
+    return True
+
+
+def foreign_entries(out_dir: str | Path) -> list[Path]:
+    """What out_dir/ckpt holds besides checkpoints this project wrote (`is_own`) and the leftovers
+    of its interrupted saves (`leftovers`): a user's files, which no run may delete or prune."""
+    root = ckpt_root(out_dir)
+    if not root.is_dir():
+        return []
+    ours = set(leftovers(out_dir))
+    return sorted(p for p in root.iterdir()
+                  if p not in ours and not (_STEP_DIR.fullmatch(p.name) and is_own(p)))
+
+
 def is_weights_dir(path: Path) -> bool:
     """A Hugging Face GPT-2 directory: config.json and a weight file."""
     return (path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)

@@ -641,13 +641,20 @@ class RunDir:
     def claim(self, overwrite: bool) -> None:
         """For a new run: check that out_dir holds no earlier run's outputs, or (with overwrite)
         note them for `start` to remove. Raises ConfigError naming them when overwrite is off, and
-        for files of a run's names this project did not write: nothing is deleted or overwritten."""
+        for files of a run's names, or anything under ckpt/ (checkpoints.foreign_entries), that this
+        project did not write: nothing is deleted or overwritten."""
         foreign = [p.name for p in (self.path / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
         if checkpoints.is_weights_dir(self.path) or foreign:
             what = "model weights" if checkpoints.is_weights_dir(self.path) else "files"
             raise ConfigError(f"out_dir={self.path} holds {what} this project did not write as a run's outputs "
                               f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
                               f"choose another out_dir (nothing was changed)")
+        strangers = checkpoints.foreign_entries(self.path)
+        if strangers:
+            names = ", ".join(str(p.relative_to(self.path)) for p in strangers[:6]) + (" ..." if len(strangers) > 6 else "")
+            raise ConfigError(f"out_dir={self.path} holds files under {checkpoints.CKPT_SUBDIR}/ that are not checkpoints "
+                              f"this project wrote (no manifest of sizes and SHA-256s that verifies: {names}), which "
+                              f"a run would not touch: move them away or choose another out_dir (nothing was changed)")
         found = self.outputs()
         if found and not overwrite:
             names = ", ".join(str(p.relative_to(self.path)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
