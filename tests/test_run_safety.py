@@ -119,6 +119,25 @@ def test_out_dir_under_a_file_is_one_line(data_dir, tmp_path):
     assert_one_line_error(proc, f"--out={tmp_path / 'file' / 'data'} cannot be used")
 
 
+def test_a_dangling_symlink_is_an_existing_output_everywhere(data_dir, tmp_path):
+    """train's out_dir, prepare_data's --out and save_pretrained's directory: a symlink to nothing is
+    refused, naming it, and nothing is created through it (eval's --out: tests/test_eval.py)."""
+    from model import GPT, GPTConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=rf"out_dir={link} is a symlink to {tmp_path / 'nowhere'}, which does not exist"):
+        main(*tiny_args(data_dir, link, "--max_steps=1"))
+    with pytest.raises(DataError, match=rf"--out={link} is a symlink to .*, which does not exist"):
+        prepare_data.prepare(link, inputs=[str(corpus)], num_workers=1, progress=False)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
+    with pytest.raises(FileExistsError, match=rf"{link} is a symlink to .*, which does not exist"):
+        model.save_pretrained(link)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 # ------------------------------------------------------------------ nothing removed before everything is checked
 
 
