@@ -122,7 +122,7 @@ def evaluate_val(model, directory: Path, args, device, dtype) -> dict:
     ids = np.arange(loader.num_windows)[: args.limit]
     batches = (loader.read_windows(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
     bar = tqdm(batches, total=math.ceil(len(ids) / args.batch_size), desc="val", unit="batch",
-               disable=len(ids) < 50 * args.batch_size, file=sys.stderr)
+               disable=True if len(ids) < 50 * args.batch_size else None, file=sys.stderr)  # None: on a terminal only
     total, tokens = evaluation.window_losses(model, bar, device, devices.autocast(device, dtype))
     loss = total / tokens
     figures = {"task": "val", "loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "bits_per_byte": None}
@@ -153,7 +153,8 @@ def evaluate_hellaswag(model, args, device, dtype) -> dict:
     examples = evaluation.load_hellaswag(args.data, gpt2_tokenizer(), args.limit)
     evaluation.check_vocab(examples, model.config.vocab_size, args.data)
     sequences = sum(len(e.choices) for e in examples)
-    with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=sequences < 400, file=sys.stderr) as bar:
+    with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=True if sequences < 400 else None,
+              file=sys.stderr) as bar:  # None: on a terminal only
         scores = evaluation.score_choices(model, examples, args.batch_size, device, devices.autocast(device, dtype),
                                           progress=bar.update)
     n, correct, correct_norm = evaluation.hellaswag_counts(scores, examples)

@@ -1284,8 +1284,9 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resume: Res
     """
     run = setup_run(cfg, accelerator, run_dir, resume, stop)
     cfg, state, throughput = run.cfg, run.state, Throughput(run)
+    # disable=None: tqdm draws the bar only when stderr is a terminal; a log file gets the log lines alone.
     with tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-              disable=not accelerator.is_main_process) as bar:
+              disable=None if accelerator.is_main_process else True) as bar:
         if state.step == 0:
             run_evals(run)
         run.model.train()

@@ -5,6 +5,7 @@ does not load), and the divergence and resume messages naming what holds.
 Real runs of configs/tiny.py on the Markov corpus: train.main in-process, `python train.py` as a
 subprocess where a second process must hold the lock."""
 
+import contextlib
 import json
 import os
 import re
@@ -136,6 +137,42 @@ def test_a_dangling_symlink_is_an_existing_output_everywhere(data_dir, tmp_path)
     with pytest.raises(FileExistsError, match=rf"{link} is a symlink to .*, which does not exist"):
         model.save_pretrained(link)
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_progress_bars_only_on_a_terminal(data_dir, tmp_path):
+    """With stderr a pipe or a file (`make demo > demo.log`), train, eval and prepare_data write their
+    log lines and no progress bar (no carriage-return updates); on a terminal the bar shows."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    out, corpus = tmp_path / "run", tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 2000)
+    runs = [("train.py", *tiny_args(data_dir, out, "--max_steps=3", "--log_interval=1", "--eval_interval=100")),
+            ("eval.py", "--checkpoint", out, "--task", "val", "--data", data_dir, "--batch_size", 1,
+             "--dtype", "float32"),
+            ("prepare_data.py", "--input", corpus, "--out", tmp_path / "data", "--num_workers", 1)]
+    log = tmp_path / "demo.log"
+    for argv in runs:
+        with open(log, "wb") as f:  # bytes: a text-mode pipe would turn the bar's \r into \n
+            code = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env(), stdout=f, stderr=f,
+                                  timeout=300).returncode
+        written = log.read_bytes()
+        assert code == 0 and b"\r" not in written, (argv[0], written[-1000:])
+        assert argv[0] != "train.py" or b"step 3/3 | loss" in written, written[-1000:]  # the log lines stay
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a bar needs columns
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", "--input", corpus, "--out", tmp_path / "data2",
+                             "--num_workers", "1"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0
+    assert b"encoding" in shown and b"\r" in shown, shown[-500:]
 
 
 # ------------------------------------------------------------------ nothing removed before everything is checked
