@@ -98,7 +98,8 @@ def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write `path` to (with any writer); publish it when the block ends.
+    """Yield a temporary path to write `path` to (with any writer); publish it when the block ends,
+    with the mode a plain open() gives (`file_mode`), so every file a user publishes has the same.
 
     Raises DiskFullError naming `path` when the disk is full; any other error propagates. Either
     way the temporary file is gone and an existing `path` is untouched.
@@ -107,6 +108,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = tmp_name(path)
     with _removed_on_failure(tmp, path):
         yield tmp
+        os.chmod(tmp, file_mode())  # what open() would give, whatever the writer chose (safetensors: 0600)
         fsync_file(tmp)
         os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -244,8 +244,8 @@ def file_sha256(path: Path) -> str:
 
 
 def finish(tmp: Path, final: Path, meta: dict) -> None:
-    """Publish a checkpoint built in `tmp`: give every file the usual mode (safetensors writes
-    0600), record every file's size and SHA-256 in meta.json (written last) and rename the
+    """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's
+    state files are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256 in meta.json (written last) and rename the
     directory into place (replacing an older copy of the same step)."""
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     mode = atomic.file_mode()

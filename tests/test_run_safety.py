@@ -334,6 +334,32 @@ def test_checkpoint_files_are_published_with_the_usual_mode(run4):
     assert (run4 / "train_config.json").stat().st_mode & 0o777 == mode
 
 
+def test_every_published_file_has_the_umasks_mode(data_dir, tmp_path):
+    """save_pretrained (the Python API), a training checkpoint, prepare_data's shards and meta.json
+    and eval --out all publish files with the mode a plain open() gives under the umask (0640
+    under umask 027), never the 0600 a writer such as safetensors chooses."""
+    import eval as eval_cli
+    from model import GPT, GPTConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    previous = os.umask(0o027)
+    try:
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).save_pretrained(tmp_path / "api")
+        prepare_data.prepare(tmp_path / "data", inputs=[str(corpus)], num_workers=1, progress=False)
+        main(*tiny_args(data_dir, tmp_path / "run", "--max_steps=1", "--ckpt_interval=1"))
+        assert eval_cli.main(["--checkpoint", str(tmp_path / "run"), "--task", "val", "--data", str(data_dir),
+                              "--limit", "2", "--dtype", "float32", "--out", str(tmp_path / "val.json")]) == 0
+    finally:
+        os.umask(previous)
+    published = [p for p in tmp_path.rglob("*") if p.is_file() and p != corpus]
+    for name in ("api/model.safetensors", "data/meta.json", "run/ckpt/step_0000001/model.safetensors",
+                 "run/ckpt/step_0000001/state/optimizer.bin", "run/train_config.json", "val.json"):
+        assert tmp_path / name in published, name
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in published if
+            p.stat().st_mode & 0o777 != 0o640} == {}
+
+
 # ------------------------------------------------------------------ one line and exit 2, or a clean stop
 
 
