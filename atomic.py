@@ -266,18 +266,54 @@ def lock_dir(directory: str | Path, error: type[Exception], what: str,
         os.close(fd)
         raise error(f"{what}={directory} is in use by another run ({_holder(directory)}); wait for it to end or "
                     f"choose another {what}") from None
-    except OSError as err:  # ENOLCK / EOPNOTSUPP: a file system without flock
-        warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
-             f"flock, so nothing stops a second run from writing there at the same time")
-        return DirLock(path, fd, created)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join(sys.argv)}
+    except OSError:  # NFS emulates flock with byte-range locks, which a directory cannot take
+        os.close(fd)
+        return _lock_file(directory, error, what, warn, created)
     lock = DirLock(path, fd, created)
     try:
         path.unlink(missing_ok=True)  # a killed holder's, or a link: never written through
-        write_text(path, json.dumps(info) + "\n")
+        write_text(path, _holder_info())
     except OSError as err:
         lock.release()
         raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
                     f"user can create and write)") from None
     return lock
+
+
+def _holder_info() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"
+
+
+def _lock_file(directory: Path, error: type[Exception], what: str, warn: Callable[[str], None],
+               created: bool) -> DirLock:
+    """lock_dir on a file system that cannot flock a directory: flock `directory/.lock` instead.
+    There, deleting .lock while a run holds it would let a second run in. A file system without
+    flock at all (ENOLCK, EOPNOTSUPP) gives a warning and a DirLock that holds nothing."""
+    path = directory / LOCK_FILE
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as err:
+            raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
+                        f"user can create and write)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise error(f"{what}={directory} is in use by another run ({_holder(directory)}); wait for it to end "
+                        f"or choose another {what}") from None
+        except OSError as err:
+            warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
+                 f"flock, so nothing stops a second run from writing there at the same time")
+            return DirLock(path, fd, created)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_info().encode(), 0)  # in place: the lock is this file's
+            return DirLock(path, fd, created)
+        os.close(fd)  # the holder removed the file as it let go of it: lock the new one
+    raise error(f"{what}={directory}: could not take its lock ({path} keeps being replaced)")

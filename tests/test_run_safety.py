@@ -112,6 +112,27 @@ def test_prepare_data_locks_its_out_dir(tmp_path):
     assert (out / "meta.json").is_file()
 
 
+def test_where_a_directory_cannot_be_flocked_the_lock_file_is_locked(tmp_path, monkeypatch):
+    """NFS emulates flock with byte-range locks, which a directory opened read-only cannot take
+    (EBADF): lock_dir then locks out_dir/.lock, and still refuses a second holder, naming the first."""
+    import errno
+    import fcntl
+    import stat
+
+    def flock(fd, operation, real=fcntl.flock):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    out = tmp_path / "data"
+    with atomic.lock_dir(out, DataError, "--out"):
+        assert json.loads((out / atomic.LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
+            atomic.lock_dir(out, DataError, "--out")
+    assert not out.exists(), "the lock's holder made the directory and removed it again"
+
+
 def test_out_dir_under_a_file_is_one_line(data_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     proc = run_command("train.py", *tiny_args(data_dir, tmp_path / "file" / "run"))
