@@ -115,7 +115,8 @@ def is_own(ckpt: Path) -> bool:
     listed = set(meta.get("files", {}))
     if meta.get("sha256") is None or not listed:
         return False
-    needed = {META_FILE} | listed | {str(parent) for name in listed for parent in Path(name).parents if str(parent) != "."}
+    folders = {str(parent) for name in listed for parent in Path(name).parents if str(parent) != "."}
+    needed = {META_FILE} | listed | folders
     for path in ckpt.rglob("*"):
         name = str(path.relative_to(ckpt))
         if path.is_symlink() or name not in needed or (path.is_file() and name != META_FILE and name not in listed):
@@ -244,9 +245,10 @@ def file_sha256(path: Path) -> str:
 
 
 def finish(tmp: Path, final: Path, meta: dict) -> None:
-    """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's
-    state files are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256 in meta.json (written last) and rename the
-    directory into place (replacing an older copy of the same step)."""
+    """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's state files
+    are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256
+    in meta.json (written last) and rename the directory into place (replacing an older copy of
+    the same step)."""
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     mode = atomic.file_mode()
     for path in paths:

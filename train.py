@@ -651,10 +651,11 @@ class RunDir:
                               f"choose another out_dir (nothing was changed)")
         strangers = checkpoints.foreign_entries(self.path)
         if strangers:
-            names = ", ".join(str(p.relative_to(self.path)) for p in strangers[:6]) + (" ..." if len(strangers) > 6 else "")
-            raise ConfigError(f"out_dir={self.path} holds files under {checkpoints.CKPT_SUBDIR}/ that are not checkpoints "
-                              f"this project wrote (no manifest of sizes and SHA-256s that verifies: {names}), which "
-                              f"a run would not touch: move them away or choose another out_dir (nothing was changed)")
+            names = ", ".join(str(p.relative_to(self.path)) for p in strangers[:6])
+            raise ConfigError(f"out_dir={self.path} holds files under {checkpoints.CKPT_SUBDIR}/ that are not "
+                              f"checkpoints this project wrote (no manifest of sizes and SHA-256s that verifies: "
+                              f"{names}{' ...' if len(strangers) > 6 else ''}), which a run would not touch: move "
+                              f"them away or choose another out_dir (nothing was changed)")
         found = self.outputs()
         if found and not overwrite:
             names = ", ".join(str(p.relative_to(self.path)) for p in found[:4]) + (" ..." if len(found) > 4 else "")

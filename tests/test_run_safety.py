@@ -61,7 +61,8 @@ def run_copy(run4, tmp_path):
 
 def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_dir, tmp_path):
     """A real run holds out_dir: a second start (new or resume) exits 2 naming its pid and touches
-    nothing, also after its .lock file was deleted (the lock is on the directory); once the holder is killed with -9, the kernel has released the lock and a resume runs."""
+    nothing, also after its .lock file was deleted (the lock is on the directory); once the holder
+    is killed with -9, the kernel has released the lock and a resume runs."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=100000",
                                "--ckpt_interval=1", "--eval_interval=100000", "--log_interval=1000")],
@@ -150,7 +151,7 @@ def test_a_dangling_symlink_is_an_existing_output_everywhere(data_dir, tmp_path)
     corpus.write_text("some text to tokenize\n" * 50)
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=rf"out_dir={link} is a symlink to {tmp_path / 'nowhere'}, which does not exist"):
+    with pytest.raises(ConfigError, match=rf"out_dir={link} is a symlink to {tmp_path / 'nowhere'}, which does not"):
         main(*tiny_args(data_dir, link, "--max_steps=1"))
     with pytest.raises(DataError, match=rf"--out={link} is a symlink to .*, which does not exist"):
         prepare_data.prepare(link, inputs=[str(corpus)], num_workers=1, progress=False)
