@@ -101,6 +101,40 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
     return found
 
 
+def is_own(ckpt: Path) -> bool:
+    """Whether `ckpt` is a checkpoint this project wrote, whole: its meta.json records a size and a
+    SHA-256 for every file (as `finish` writes it), each file matches, and nothing else is there
+    (no other file, no symlink, no empty directory). Only such a directory may be deleted as a
+    run's output."""
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        return False
+    try:
+        meta = verify(ckpt, need_state=False)
+    except (CheckpointError, OSError):
+        return False
+    listed = set(meta.get("files", {}))
+    if meta.get("sha256") is None or not listed:
+        return False
+    folders = {str(parent) for name in listed for parent in Path(name).parents if str(parent) != "."}
+    needed = {META_FILE} | listed | folders
+    for path in ckpt.rglob("*"):
+        name = str(path.relative_to(ckpt))
+        if path.is_symlink() or name not in needed or (path.is_file() and name != META_FILE and name not in listed):
+            return False
+    return True
+
+
+def foreign_entries(out_dir: str | Path) -> list[Path]:
+    """What out_dir/ckpt holds besides checkpoints this project wrote (`is_own`) and the leftovers
+    of its interrupted saves (`leftovers`): a user's files, which no run may delete or prune."""
+    root = ckpt_root(out_dir)
+    if not root.is_dir():
+        return []
+    ours = set(leftovers(out_dir))
+    return sorted(p for p in root.iterdir()
+                  if p not in ours and not (_STEP_DIR.fullmatch(p.name) and is_own(p)))
+
+
 def is_weights_dir(path: Path) -> bool:
     """A Hugging Face GPT-2 directory: config.json and a weight file."""
     return (path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
@@ -211,9 +245,10 @@ def file_sha256(path: Path) -> str:
 
 
 def finish(tmp: Path, final: Path, meta: dict) -> None:
-    """Publish a checkpoint built in `tmp`: give every file the usual mode (safetensors writes
-    0600), record every file's size and SHA-256 in meta.json (written last) and rename the
-    directory into place (replacing an older copy of the same step)."""
+    """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's state files
+    are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256
+    in meta.json (written last) and rename the directory into place (replacing an older copy of
+    the same step)."""
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     mode = atomic.file_mode()
     for path in paths:

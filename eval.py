@@ -7,8 +7,8 @@
 --checkpoint is a run's out_dir (its newest loadable checkpoint), one checkpoint, or a Hugging
 Face GPT-2 directory, as for sample.py. The figures come from evaluation.py, which train.py's
 evals use too. A short table goes to stdout; --out writes the figures as JSON: atomically to a
-file (an existing one is replaced only with --overwrite; through a symlink, to its target), or
-straight into a device or pipe such as /dev/stdout.
+file (an existing one, or a symlink even to nothing, is replaced only with --overwrite; through a
+symlink, to its target), or straight into a device or pipe such as /dev/stdout.
 A problem with the input prints one `error: ...` line and exits with status 2.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import stat
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def is_special(path: Path) -> bool:
 
 def check_out(args: argparse.Namespace) -> None:
     """Refuse an --out that cannot be written, before the evaluation runs: a missing directory, a
-    directory, or an existing file without --overwrite. Raises DataError naming it."""
+    directory, or an existing file or any symlink without --overwrite. Raises DataError naming it."""
     if args.out is None:
         return
     out = Path(args.out)
@@ -81,8 +82,9 @@ def check_out(args: argparse.Namespace) -> None:
         raise DataError(f"--out {out} is a directory; give a file name")
     if not target.parent.is_dir():
         raise DataError(f"--out {out}: the directory {target.parent} does not exist")
-    if target.exists() and not args.overwrite:
-        raise DataError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
+    if (target.exists() or out.is_symlink()) and not args.overwrite:  # a symlink counts, dangling or not
+        link = f" (a symlink to {os.readlink(out)})" if out.is_symlink() else ""
+        raise DataError(f"--out {out} already exists{link}; pass --overwrite to replace it, or choose another name")
 
 
 def write_out(out: Path, figures: dict) -> None:
@@ -120,7 +122,7 @@ def evaluate_val(model, directory: Path, args, device, dtype) -> dict:
     ids = np.arange(loader.num_windows)[: args.limit]
     batches = (loader.read_windows(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
     bar = tqdm(batches, total=math.ceil(len(ids) / args.batch_size), desc="val", unit="batch",
-               disable=len(ids) < 50 * args.batch_size, file=sys.stderr)
+               disable=True if len(ids) < 50 * args.batch_size else None, file=sys.stderr)  # None: on a terminal only
     total, tokens = evaluation.window_losses(model, bar, device, devices.autocast(device, dtype))
     loss = total / tokens
     figures = {"task": "val", "loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "bits_per_byte": None}
@@ -151,7 +153,8 @@ def evaluate_hellaswag(model, args, device, dtype) -> dict:
     examples = evaluation.load_hellaswag(args.data, gpt2_tokenizer(), args.limit)
     evaluation.check_vocab(examples, model.config.vocab_size, args.data)
     sequences = sum(len(e.choices) for e in examples)
-    with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=sequences < 400, file=sys.stderr) as bar:
+    with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=True if sequences < 400 else None,
+              file=sys.stderr) as bar:  # None: on a terminal only
         scores = evaluation.score_choices(model, examples, args.batch_size, device, devices.autocast(device, dtype),
                                           progress=bar.update)
     n, correct, correct_norm = evaluation.hellaswag_counts(scores, examples)

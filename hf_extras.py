@@ -68,8 +68,7 @@ def model_card(hf_config: dict, num_params: int, training: dict | None, gpt2_voc
         "# license: choose one before publishing (https://huggingface.co/docs/hub/repositories-licenses)",
         "pipeline_tag: text-generation",
         "tags:",
-        "- gpt2",
-        "- text-generation",
+        "- gpt2",  # no text-generation here: pipeline_tag above already gives it
         "- gpt2-accelerate",
         "---",
         "",

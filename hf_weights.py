@@ -225,13 +225,17 @@ def save_pretrained(model, path: str | Path, state_dict: dict[str, torch.Tensor]
     weights of a sharded run); defaults to model.state_dict(). training: the trainer's facts for
     the model card (see hf_extras.extra_files). Each file is published with atomic.atomic_path
     (temporary name, fsync, rename), so none is ever half-written.
-    Raises ValueError for a model GPT-2's format cannot express (bias=False).
+    Raises ValueError for a model GPT-2's format cannot express (bias=False), FileExistsError for a
+    path that is a dangling symlink.
     """
     from safetensors.torch import save_file
 
     if not model.config.bias:
         raise ValueError("GPT-2's Hugging Face format has biases everywhere; bias=False cannot be exported")
     directory = Path(path)
+    if directory.is_symlink() and not directory.exists():
+        raise FileExistsError(f"{directory} is a symlink to {os.readlink(directory)}, which does not exist; "
+                              f"nothing is written through it: remove the link or save elsewhere")
     directory.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(model.state_dict() if state_dict is None else state_dict, model.config.tie_embeddings)
     with atomic.atomic_path(directory / WEIGHT_FILES[0]) as tmp:

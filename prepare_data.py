@@ -337,7 +337,8 @@ def write_splits(encoded: Iterable[EncodedDocument], splits: "SplitWriter", stat
     """Send every encoded document to its split, with a progress bar; returns (documents, tokens)."""
     n_documents = n_tokens = 0
     start = last_refresh = time.perf_counter()
-    with tqdm(desc="encoding", unit=" docs", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(desc="encoding", unit=" docs", disable=None if progress else True,  # None: on a terminal only
+              dynamic_ncols=True) as bar:
         for doc in encoded:
             splits.add(doc)
             n_documents += 1

@@ -280,13 +280,21 @@ class RunDir:
     def claim(self, overwrite: bool) -> None:
         """For a new run: check that out_dir holds no earlier run's outputs, or (with overwrite)
         note them for `start` to remove. Raises ConfigError naming them when overwrite is off, and
-        for files of a run's names this project did not write: nothing is deleted or overwritten."""
+        for files of a run's names, or anything under ckpt/ (checkpoints.foreign_entries), that this
+        project did not write: nothing is deleted or overwritten."""
         foreign = [p.name for p in (self.path / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
         if checkpoints.is_weights_dir(self.path) or foreign:
             what = "model weights" if checkpoints.is_weights_dir(self.path) else "files"
             raise ConfigError(f"out_dir={self.path} holds {what} this project did not write as a run's outputs "
                               f"({', '.join(foreign) or checkpoints.HF_CONFIG_FILE}), which a run would replace; "
                               f"choose another out_dir (nothing was changed)")
+        strangers = checkpoints.foreign_entries(self.path)
+        if strangers:
+            names = ", ".join(str(p.relative_to(self.path)) for p in strangers[:6])
+            raise ConfigError(f"out_dir={self.path} holds files under {checkpoints.CKPT_SUBDIR}/ that are not "
+                              f"checkpoints this project wrote (no manifest of sizes and SHA-256s that verifies: "
+                              f"{names}{' ...' if len(strangers) > 6 else ''}), which a run would not touch: move "
+                              f"them away or choose another out_dir (nothing was changed)")
         found = self.outputs()
         if found and not overwrite:
             names = ", ".join(str(p.relative_to(self.path)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
@@ -916,8 +924,9 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, resume: Res
     """
     run = setup_run(cfg, accelerator, run_dir, resume, stop)
     cfg, state, throughput = run.cfg, run.state, Throughput(run)
+    # disable=None: tqdm draws the bar only when stderr is a terminal; a log file gets the log lines alone.
     with tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-              disable=not accelerator.is_main_process) as bar:
+              disable=None if accelerator.is_main_process else True) as bar:
         if state.step == 0:
             run_evals(run)
         run.model.train()

@@ -328,8 +328,11 @@ def test_out_is_checked_before_the_evaluation_and_never_replaced_silently(capsys
     assert (tmp_path / "r.json").read_text() == "mine"
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "r.json", "--overwrite")
     assert code == 0 and json.loads((tmp_path / "r.json").read_text())["examples"] == 1, err
-    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")  # dangling: still an existing output
     code, _, err = run_cli(capsys, *args, "--out", tmp_path / "link.json")
+    assert code == 2 and "already exists (a symlink to" in err and "loaded" not in err, err
+    assert not (tmp_path / "target.json").exists()
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "link.json", "--overwrite")
     assert code == 0, err
     assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "target.json").read_text())["examples"] == 1
     proc = run_command("eval.py", *args, "--out", "/dev/stdout")

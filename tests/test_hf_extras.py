@@ -70,7 +70,9 @@ def test_checkpoint_holds_listed_tokenizer_generation_config_and_card(run):
 
     card = (ckpt / "README.md").read_text()
     header = card.split("---\n")[1]
-    assert "library_name: transformers\n" in header and "- text-generation\n" in header
+    assert "library_name: transformers\n" in header and "pipeline_tag: text-generation\n" in header
+    tags = [line for line in header.splitlines() if line.startswith("- ")]
+    assert len(tags) == len(set(tags)) and "- text-generation" not in tags, header  # the pipeline tag once
     assert "\nlicense:" not in header  # left for the user to choose
     train_config = json.loads((ckpt / "train_config.json").read_text())
     assert f"| training data | `{train_config['data_dir']}` |" in card

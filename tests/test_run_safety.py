@@ -5,6 +5,7 @@ does not load), and the divergence and resume messages naming what holds.
 Real runs of configs/tiny.py on the Markov corpus: train.main in-process, `python train.py` as a
 subprocess where a second process must hold the lock."""
 
+import contextlib
 import json
 import os
 import re
@@ -60,7 +61,8 @@ def run_copy(run4, tmp_path):
 
 def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_dir, tmp_path):
     """A real run holds out_dir: a second start (new or resume) exits 2 naming its pid and touches
-    nothing; once the holder is killed with -9, the kernel has released the lock and a resume runs."""
+    nothing, also after its .lock file was deleted (the lock is on the directory); once the holder
+    is killed with -9, the kernel has released the lock and a resume runs."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=100000",
                                "--ckpt_interval=1", "--eval_interval=100000", "--log_interval=1000")],
@@ -70,6 +72,16 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_di
         for extra in ([], ["--init_from=resume"], ["--overwrite=true"]):
             proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", *extra))
             assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started")
+        # The lock is the directory's, not the .lock file's: deleting that file lets nobody in.
+        (out / atomic.LOCK_FILE).unlink()
+        proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
+        assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started",
+                              f"({atomic.LOCK_FILE} was deleted)")
+        assert not (out / atomic.LOCK_FILE).exists(), "a refused run writes no lock file"
+        assert (out / "log.jsonl").is_file() and (out / "train_config.json").is_file()
+        newest = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
+        assert wait_until(lambda: checkpoints.step_of(checkpoints.list_checkpoints(out)[-1]) > newest, timeout=120)
+        assert holder.poll() is None, "the holder runs on"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -101,12 +113,88 @@ def test_prepare_data_locks_its_out_dir(tmp_path):
     assert (out / "meta.json").is_file()
 
 
+def test_where_a_directory_cannot_be_flocked_the_lock_file_is_locked(tmp_path, monkeypatch):
+    """NFS emulates flock with byte-range locks, which a directory opened read-only cannot take
+    (EBADF): lock_dir then locks out_dir/.lock, and still refuses a second holder, naming the first."""
+    import errno
+    import fcntl
+    import stat
+
+    def flock(fd, operation, real=fcntl.flock):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    out = tmp_path / "data"
+    with atomic.lock_dir(out, DataError, "--out"):
+        assert json.loads((out / atomic.LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
+            atomic.lock_dir(out, DataError, "--out")
+    assert not out.exists(), "the lock's holder made the directory and removed it again"
+
+
 def test_out_dir_under_a_file_is_one_line(data_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     proc = run_command("train.py", *tiny_args(data_dir, tmp_path / "file" / "run"))
     assert_one_line_error(proc, f"out_dir={tmp_path / 'file' / 'run'} cannot be used")
     proc = run_command("prepare_data.py", "--input", tmp_path / "file", "--out", tmp_path / "file" / "data")
     assert_one_line_error(proc, f"--out={tmp_path / 'file' / 'data'} cannot be used")
+
+
+def test_a_dangling_symlink_is_an_existing_output_everywhere(data_dir, tmp_path):
+    """train's out_dir, prepare_data's --out and save_pretrained's directory: a symlink to nothing is
+    refused, naming it, and nothing is created through it (eval's --out: tests/test_eval.py)."""
+    from model import GPT, GPTConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=rf"out_dir={link} is a symlink to {tmp_path / 'nowhere'}, which does not"):
+        main(*tiny_args(data_dir, link, "--max_steps=1"))
+    with pytest.raises(DataError, match=rf"--out={link} is a symlink to .*, which does not exist"):
+        prepare_data.prepare(link, inputs=[str(corpus)], num_workers=1, progress=False)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
+    with pytest.raises(FileExistsError, match=rf"{link} is a symlink to .*, which does not exist"):
+        model.save_pretrained(link)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_progress_bars_only_on_a_terminal(data_dir, tmp_path):
+    """With stderr a pipe or a file (`make demo > demo.log`), train, eval and prepare_data write their
+    log lines and no progress bar (no carriage-return updates); on a terminal the bar shows."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    out, corpus = tmp_path / "run", tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 2000)
+    runs = [("train.py", *tiny_args(data_dir, out, "--max_steps=3", "--log_interval=1", "--eval_interval=100")),
+            ("eval.py", "--checkpoint", out, "--task", "val", "--data", data_dir, "--batch_size", 1,
+             "--dtype", "float32"),
+            ("prepare_data.py", "--input", corpus, "--out", tmp_path / "data", "--num_workers", 1)]
+    log = tmp_path / "demo.log"
+    for argv in runs:
+        with open(log, "wb") as f:  # bytes: a text-mode pipe would turn the bar's \r into \n
+            code = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env(), stdout=f, stderr=f,
+                                  timeout=300).returncode
+        written = log.read_bytes()
+        assert code == 0 and b"\r" not in written, (argv[0], written[-1000:])
+        assert argv[0] != "train.py" or b"step 3/3 | loss" in written, written[-1000:]  # the log lines stay
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a bar needs columns
+    proc = subprocess.Popen([sys.executable, "prepare_data.py", "--input", corpus, "--out", tmp_path / "data2",
+                             "--num_workers", "1"], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    assert proc.wait(timeout=120) == 0
+    assert b"encoding" in shown and b"\r" in shown, shown[-500:]
 
 
 # ------------------------------------------------------------------ nothing removed before everything is checked
@@ -145,6 +233,30 @@ def test_overwrite_keeps_a_users_files_with_run_names(data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"holds files this project did not write .*config\.json"):
         main(*tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
     assert (out / "config.json").read_text() == '{"model_type": "gpt2", "n_layer": 2}'
+
+
+def test_overwrite_removes_only_checkpoints_whose_manifest_verifies(data_dir, run_copy):
+    """A user's directory that merely looks like a checkpoint (a step_ name and a meta.json), or a
+    real checkpoint with a file added, makes --overwrite refuse, naming it, and change nothing."""
+    thesis = checkpoints.step_dir(run_copy, 99)
+    thesis.mkdir()
+    (thesis / "meta.json").write_text('{"step": 99}')
+    (thesis / "thesis.txt").write_text("four years of work")
+    (checkpoints.step_dir(run_copy, 2) / "notes.txt").write_text("mine")
+    before = snapshot(run_copy)
+    with pytest.raises(ConfigError, match=r"not checkpoints this project wrote .*ckpt/step_0000002, "
+                                          r"ckpt/step_0000099\), which a run would not touch"):
+        main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
+    assert snapshot(run_copy) == before
+    (checkpoints.step_dir(run_copy, 2) / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match=r"ckpt/step_0000099\)"):
+        main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
+    assert (thesis / "thesis.txt").read_text() == "four years of work"
+    import shutil
+
+    shutil.move(thesis, run_copy.parent / "thesis")  # what the message asks for: then the run replaces the rest
+    main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--ckpt_interval=1", "--overwrite=true"))
+    assert [p.name for p in checkpoints.list_checkpoints(run_copy)] == ["step_0000001"]
 
 
 # ------------------------------------------------------------------ every file a resume loads is verified
@@ -242,6 +354,32 @@ def test_checkpoint_files_are_published_with_the_usual_mode(run4):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == mode, path
     assert (run4 / "train_config.json").stat().st_mode & 0o777 == mode
+
+
+def test_every_published_file_has_the_umasks_mode(data_dir, tmp_path):
+    """save_pretrained (the Python API), a training checkpoint, prepare_data's shards and meta.json
+    and eval --out all publish files with the mode a plain open() gives under the umask (0640
+    under umask 027), never the 0600 a writer such as safetensors chooses."""
+    import eval as eval_cli
+    from model import GPT, GPTConfig
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to tokenize\n" * 50)
+    previous = os.umask(0o027)
+    try:
+        GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).save_pretrained(tmp_path / "api")
+        prepare_data.prepare(tmp_path / "data", inputs=[str(corpus)], num_workers=1, progress=False)
+        main(*tiny_args(data_dir, tmp_path / "run", "--max_steps=1", "--ckpt_interval=1"))
+        assert eval_cli.main(["--checkpoint", str(tmp_path / "run"), "--task", "val", "--data", str(data_dir),
+                              "--limit", "2", "--dtype", "float32", "--out", str(tmp_path / "val.json")]) == 0
+    finally:
+        os.umask(previous)
+    published = [p for p in tmp_path.rglob("*") if p.is_file() and p != corpus]
+    for name in ("api/model.safetensors", "data/meta.json", "run/ckpt/step_0000001/model.safetensors",
+                 "run/ckpt/step_0000001/state/optimizer.bin", "run/train_config.json", "val.json"):
+        assert tmp_path / name in published, name
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in published if
+            p.stat().st_mode & 0o777 != 0o640} == {}
 
 
 # ------------------------------------------------------------------ one line and exit 2, or a clean stop
