@@ -457,6 +457,8 @@ class _Run:
         whether or not anyone still reads the response."""
         if out.finish_reason is not None:
             self.server.outstanding -= 1
+            if all(s.finished for s in self.sequences):  # also when no response ever read it (a stream never started)
+                self.server.runs.discard(self)
         self.queue.put_nowait((index, seq, out))
 
     def _close(self) -> None:
