@@ -30,6 +30,7 @@ measures each against transformers and the memory-bandwidth bound.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import deque
@@ -45,6 +46,7 @@ MAX_LOGPROBS = 20  # alternatives per token a request may ask for
 FINISH_STOP = "stop"  # drew one of its stop tokens (not part of the output)
 FINISH_LENGTH = "length"  # reached max_tokens
 FINISH_CANCELLED = "cancelled"  # Engine.cancel
+FINISH_ERROR = "error"  # the step it was in raised (see Engine.step)
 
 
 class SamplingError(ValueError):
@@ -62,10 +64,11 @@ class SamplingParams:
 
     max_tokens: tokens to generate at most (>= 1).
     temperature: 0 picks the most likely token (greedy); else logits / temperature.
-    top_k: sample among the k most likely tokens (None: all).
+    top_k: sample among the k most likely tokens (None, or k at or past the vocabulary: all).
     top_p: sample among the most likely tokens holding top_p of the probability (None or 1: all);
         applied after top_k.
-    seed: the same seed gives the same tokens (None: a random one).
+    seed: the same seed gives the same tokens (None: a random one). A 64-bit integer, signed or
+        unsigned: in [-2**63, 2**64), a negative seed being the same as seed + 2**64.
     stop_token_ids: tokens that end the sequence; the stop token is not part of the output.
     logprobs: None, or N >= 0: with every token, its log-probability under the model (before
         temperature and filtering) and the N most likely alternatives.
@@ -90,6 +93,9 @@ class SamplingParams:
             raise SamplingError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise SamplingError("top_k", f"must be an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise SamplingError("seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
@@ -355,6 +361,7 @@ class Engine:
         self._positions = torch.arange(self.block_size, device=dev)
         self._waiting: deque[list[Sequence]] = deque()
         self._cancelled: set[Sequence] = set()
+        self._admitting: list[Sequence] = []  # the group being prefilled
         self._cond = threading.Condition()
         self._seed_source = torch.Generator().manual_seed(torch.initial_seed())
 
@@ -380,6 +387,8 @@ class Engine:
                              f"the vocabulary (vocab_size={vocab})")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if params.top_k is not None and params.top_k >= vocab:  # keeps every token: the same as no top_k
+            params = dataclasses.replace(params, top_k=None)
         if params.seed is None:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=self._seed_source))
         else:
@@ -411,21 +420,42 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """Cancel, admit, decode once (see the module docstring). Returns whether any sequence
-        is still running or waiting."""
+        is still running or waiting.
+
+        If anything in the step raises, every sequence the step held (the running ones and the
+        request being admitted) ends with FINISH_ERROR, its slot freed, and the exception is
+        re-raised; the requests still waiting are untouched and the next step goes on with them.
+        """
         with self._cond:
             cancelled, self._cancelled = self._cancelled, set()
             if cancelled:
                 self._waiting = deque(g for g in self._waiting if not all(s in cancelled for s in g))
-        self._cancel(cancelled)
-        self._admit()
-        if self.rows:
-            self._decode()
+        try:
+            self._cancel(cancelled)
+            self._admit()
+            if self.rows:
+                self._decode()
+        except Exception:
+            self._fail_step()
+            raise
+        finally:
+            self._admitting = []
         return bool(self.rows or self._waiting)
 
-    def run(self, stop: threading.Event, idle_wait_s: float = 0.05) -> None:
-        """Step until `stop` is set, sleeping while there is no work (woken by add/cancel)."""
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.05,
+            on_error: Callable[[Exception], None] | None = None) -> None:
+        """Step until `stop` is set, sleeping while there is no work (woken by add/cancel). A step
+        that raises has failed its own sequences (see `step`); the exception then goes to
+        on_error(exception) and the loop goes on, or, with no on_error, ends the loop."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as err:
+                if on_error is None:
+                    raise
+                on_error(err)
+                continue
+            if not busy:
                 with self._cond:
                     self._cond.wait_for(lambda: self._waiting or self._cancelled or stop.is_set(), idle_wait_s)
 
@@ -481,7 +511,17 @@ class Engine:
                 group = self._waiting.popleft()
             group = [s for s in group if not s.finished]
             if group:
+                self._admitting = group  # for _fail_step: some may not be in self.rows yet
                 self._prefill(group)
+                self._admitting = []
+
+    def _fail_step(self) -> None:
+        """End every sequence of a step that raised with FINISH_ERROR and free every slot."""
+        failed = self.rows + [s for s in self._admitting if s not in self.rows]
+        self.rows, self._admitting = [], []
+        for seq in failed:
+            if not seq.finished:
+                self._finish(seq, FINISH_ERROR)
 
     def _set_row(self, r: int, seq: Sequence, length: int) -> None:
         p = seq.params

@@ -55,10 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens generated per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0 picks the most likely token (greedy)")
-    p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top_k", type=int, default=None,
+                   help="sample only among the k most likely tokens (k at or past the vocabulary: all)")
     p.add_argument("--top_p", type=float, default=None,
                    help="sample only among the most likely tokens holding this much probability (nucleus)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: a random seed, reported)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="same seed, same text: a 64-bit integer, signed or unsigned (default: a random seed, reported)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--stop_at_eot", action="store_true",
                    help="end a sample at <|endoftext|> (not printed) instead of printing it and going on")
@@ -68,8 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         p.error(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        p.error(f"--seed must be in [0, 2**64), got {args.seed}")
     # The sampling settings are checked where they are defined; the options carry their names.
     # (--max_new_tokens 0 prints the prompts alone: the engine never sees it.)
     try:

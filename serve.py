@@ -13,7 +13,8 @@ is loaded by the same helper. Endpoints:
                          (server-sent events ending `data: [DONE]`), stream_options.include_usage,
                          logprobs (0-5 alternatives per token), echo; user is ignored.
   GET  /v1/models        the one model served (named after the checkpoint, or --model_name)
-  GET  /health           {"status": "ok", "running": ..., "waiting": ...}
+  GET  /health           {"status": "ok", "running": ..., "waiting": ...}; 503 once the engine thread
+                         has stopped (a request the engine fails on is a 500; the engine goes on)
   GET  /                 a playground (playground.html): a prompt, the sampling settings, the
                          completion streamed as it is generated; the page itself needs no API key
                          (it holds none), its requests send the one typed into it
@@ -50,6 +51,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 import uuid
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
-from engine import FINISH_CANCELLED, FINISH_LENGTH, Engine, Output, SamplingError, SamplingParams
+from engine import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, Engine, Output, SamplingError, SamplingParams
 from errors import ServeError, exit_status
 from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
 
@@ -94,7 +96,7 @@ class APIError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error"}
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -113,6 +115,7 @@ class CompletionRequest:
     """A checked /v1/completions body: prompts as token ids, and the sampling settings."""
 
     prompts: list[list[int]]
+    shown: list[bool]  # per prompt: False for "", which starts from <|endoftext|> and echoes as ""
     params: SamplingParams
     n: int
     stop: list[str]
@@ -133,8 +136,9 @@ def _check_type(body: dict, name: str, kinds: tuple, what: str, default=None):
 
 
 def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionRequest:
-    """Check a /v1/completions body and tokenize its prompts. Raises APIError (400) naming the
-    field, its value and the rule."""
+    """Check a /v1/completions body and tokenize its prompts. vocab_size: the ids a prompt may
+    hold (the tokenizer's, where the model's vocabulary is padded past it). Raises APIError (400)
+    naming the field, its value and the rule."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     for name, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None),
@@ -142,7 +146,7 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
         value = body.get(name)
         if value is not None and value != neutral and not (name == "best_of" and value == body.get("n", 1)):
             raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
-    prompts = _prompts(body.get("prompt"), enc, vocab_size)
+    prompts, shown = _prompts(body.get("prompt"), enc, vocab_size)
     max_tokens = _check_type(body, "max_tokens", (int,), "an integer >= 1", DEFAULT_MAX_TOKENS)
     for ids in prompts:
         if len(ids) + max_tokens > block_size:
@@ -154,13 +158,13 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
     if not 0 <= temperature <= 2:  # OpenAI's range, narrower than the engine's
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
     top_p = _check_type(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
-    top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off)", 0)
+    top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off; at or past the vocabulary: all)", 0)
     if top_k < -1:
         raise APIError(400, f"'top_k' must be >= 1, or -1 or 0 for off, got {top_k}", "top_k")
     n = _check_type(body, "n", (int,), f"an integer in [1, {MAX_N}]", 1)
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
-    seed = _check_type(body, "seed", (int,), "an integer", None)
+    seed = _check_type(body, "seed", (int,), "an integer in [-2**63, 2**64)", None)
     logprobs = _check_type(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
@@ -172,20 +176,24 @@ def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionR
     stream = _check_type(body, "stream", (bool,), "a boolean", False)
     echo = _check_type(body, "echo", (bool,), "a boolean", False)
     options = _check_type(body, "stream_options", (dict,), "an object", {})
-    include_usage = bool(options.get("include_usage", False))
-    try:  # the engine's ranges are checked once, in SamplingParams
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError(400, f"'stream_options.include_usage' must be a boolean, got {json.dumps(include_usage)[:80]}",
+                       "stream_options")
+    try:  # the engine's ranges are checked once, in SamplingParams (top_p before any float(): 1e400 is an int)
         params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
-                                top_k=top_k if top_k > 0 else None, top_p=float(top_p) if top_p != 1 else None,
+                                top_k=top_k if top_k > 0 else None, top_p=top_p if top_p != 1 else None,
                                 seed=seed, stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
                                 logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
     except SamplingError as err:
         raise APIError(400, f"'{err.setting}' {err.rule}", err.setting) from None
-    return CompletionRequest(prompts, params, n, stop, stream, echo, include_usage)
+    return CompletionRequest(prompts, shown, params, n, stop, stream, echo, include_usage)
 
 
-def _prompts(prompt, enc, vocab_size: int) -> list[list[int]]:
-    """`prompt` as token-id lists: a string, a list of strings, a list of ids, or a list of id lists.
-    An empty string starts from <|endoftext|>, as sample.py does."""
+def _prompts(prompt, enc, vocab_size: int) -> tuple[list[list[int]], list[bool]]:
+    """`prompt` as token-id lists (ids in [0, vocab_size)): a string, a list of strings, a list of
+    ids, or a list of id lists; and per prompt whether its tokens are its text. An empty string
+    starts from <|endoftext|>, as sample.py does, which is not its text."""
     rule = "a string, a list of strings, a list of token ids, or a list of token-id lists"
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
@@ -195,8 +203,9 @@ def _prompts(prompt, enc, vocab_size: int) -> list[list[int]]:
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise APIError(400, f"'prompt' must be {rule}, got {json.dumps(prompt)[:80]}", "prompt")
-    out = []
+    out, shown = [], []
     for item in prompt:
+        shown.append(item != "")
         if isinstance(item, str):
             out.append(enc.encode_ordinary(item) or [EOT_TOKEN])
         elif (isinstance(item, list) and item
@@ -207,7 +216,7 @@ def _prompts(prompt, enc, vocab_size: int) -> list[list[int]]:
             out.append(list(item))
         else:
             raise APIError(400, f"'prompt' must be {rule}, got an item {json.dumps(item)[:80]}", "prompt")
-    return out
+    return out, shown
 
 
 # ----------------------------------------------------------------------- choices
@@ -269,16 +278,24 @@ class Choice:
 
 
 class Server:
-    """The model, its engine (stepped by a background thread), the tokenizer and the queue bound."""
+    """The model, its engine (stepped by a background thread), the tokenizer and the queue bound.
+
+    A step that raises fails only its own requests (a 500) and the engine goes on. If the engine
+    thread ends anyway, every open request fails, new ones and /health get 503, and
+    on_engine_death() is called (serve.run: shut down and exit non-zero, for a supervisor to restart).
+    """
 
     def __init__(self, model, model_name: str, enc, max_batch: int, max_queue: int, weights: str | None,
-                 api_key: str | None, log=None):
+                 api_key: str | None, log=None, on_engine_death=None):
         self.model_name, self.enc, self.api_key = model_name, enc, api_key
         self.config = model.config
         self.engine = Engine(model, max_batch=max_batch, weights=weights,
                              vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
         self.capacity = max_batch + max_queue  # sequences running or waiting
         self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
+        self.runs: set[_Run] = set()  # requests admitted and not answered (event-loop thread only)
+        self.engine_error: BaseException | None = None  # what ended the engine thread
+        self.on_engine_death = on_engine_death
         self.created = int(time.time())
         self.playground = PLAYGROUND.read_text(encoding="utf-8")
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -290,8 +307,22 @@ class Server:
         self._drain_scheduled = False
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            self.engine.run(self._stop)
+        try:
+            with torch.inference_mode():
+                self.engine.run(self._stop, on_error=self._step_failed)
+        except BaseException as err:
+            self.engine_error = err
+            self.log("engine: the engine thread stopped; failing every open request:\n"
+                     + "".join(traceback.format_exception(err)).rstrip())
+            for run in list(self.runs):
+                run.loop.call_soon_threadsafe(run.engine_stopped)
+            if self.on_engine_death is not None:
+                self.on_engine_death()
+
+    def _step_failed(self, err: Exception) -> None:
+        """On the engine's thread: a step raised; its requests have been failed (500s)."""
+        self.log("engine: a decode step raised; its requests get a 500, the engine goes on:\n"
+                 + "".join(traceback.format_exception(err)).rstrip())
 
     def start(self) -> None:
         self._thread.start()
@@ -319,13 +350,15 @@ class Server:
     def completion(self, body) -> CompletionRequest:
         """Check one /v1/completions body against the model and tokenize it; runs off the event loop
         (a large prompt takes a while). Raises APIError."""
+        if self.engine_error is not None:
+            raise APIError(503, "the server's engine has stopped (see its log); the server is shutting down")
         model = body.get("model") if isinstance(body, dict) else None
         if model is not None and not isinstance(model, str):
             raise APIError(400, f"'model' must be a string, got {json.dumps(model)[:80]}", "model")
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
                            "model", "model_not_found")
-        req = parse_completion(body, self.enc, self.config.block_size, self.config.vocab_size)
+        req = parse_completion(body, self.enc, self.config.block_size, min(self.config.vocab_size, self.enc.n_vocab))
         count = len(req.prompts) * req.n
         if count > self.capacity:
             raise APIError(400, f"this request asks for {count} sequences ({len(req.prompts)} prompts x n={req.n}); "
@@ -383,6 +416,8 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     @app.get("/health")
     async def health():
+        if server.engine_error is not None:
+            return JSONResponse({"status": "engine stopped", "error": repr(server.engine_error)}, status_code=503)
         running = server.engine.num_running
         return {"status": "ok", "running": running, "waiting": max(server.outstanding - running, 0)}
 
@@ -600,37 +635,60 @@ class _Run:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         enc = server.enc
         n = req.n
         self.choices = [Choice(p * n + i, TextStream(enc), req.stop) for p in range(len(req.prompts)) for i in range(n)]
         self.sequences = []
         self.first_token_at: float | None = None
         self.open = len(self.choices)
-        server.outstanding += len(self.choices)
-        for p, prompt in enumerate(req.prompts):
-            sink = (lambda seq, out, p=p: server.post(loop, self._deliver, p * n + seq.index, seq, out))
-            self.sequences += server.engine.add(prompt, req.params, sink, n)
+        self.error: APIError | None = None  # set when the engine failed this request
         self.finished = False
+        # Every sequence added holds its place in the bound until its finish event (_deliver),
+        # which the engine sends on every way out: length, stop, cancel, error.
+        try:
+            for p, prompt in enumerate(req.prompts):
+                sink = (lambda seq, out, p=p: server.post(loop, self._deliver, p * n + seq.index, seq, out))
+                group = server.engine.add(prompt, req.params, sink, n)
+                self.sequences += group
+                server.outstanding += len(group)
+        except ValueError as err:  # parse_completion checks all the engine checks: a bug if reached
+            self._close()
+            raise APIError(500, f"the server could not queue this request: {err}") from err
+        server.runs.add(self)
+        if server.engine_error is not None:  # it stopped after completion() checked: it may not have seen this run
+            self.engine_stopped()
 
     def _deliver(self, index: int, seq, out: Output) -> None:
         """On the event loop: queue an engine event; a sequence's end frees its place in the bound
         whether or not anyone still reads the response."""
         if out.finish_reason is not None:
             self.server.outstanding -= 1
+            if all(s.finished for s in self.sequences):  # also when no response ever read it (a stream never started)
+                self.server.runs.discard(self)
         self.queue.put_nowait((index, seq, out))
 
     def _close(self) -> None:
         if not self.finished:
             self.finished = True
+            self.server.runs.discard(self)
             unfinished = [s for s in self.sequences if not s.finished]
             if unfinished:
                 self.server.engine.cancel(unfinished)
+
+    def engine_stopped(self) -> None:
+        """On the event loop: the engine thread has ended; this request fails (a 500)."""
+        self.queue.put_nowait((None, None, Output(None, finish_reason=FINISH_ERROR)))
 
     async def events(self):
         """(choice, finished) as tokens arrive, until every choice is done."""
         while self.open:
             index, seq, out = await self.queue.get()
+            if out is not None and out.finish_reason == FINISH_ERROR:  # the engine failed it
+                self.error = APIError(500, "the server failed while generating this completion (its log has the "
+                                           "details); retrying may succeed", None, "engine_error")
+                self._close()
+                return
             if index is None:  # the client went away
                 return
             choice = self.choices[index]
@@ -654,6 +712,9 @@ class _Run:
     def _echo(self, choice: Choice) -> tuple[str, dict | None]:
         """The prompt's text and logprobs for an echoed choice."""
         prompt = self.req.prompts[choice.index // self.req.n]
+        if not self.req.shown[choice.index // self.req.n]:  # "": the <|endoftext|> it starts from is not its text
+            return "", None if self.req.params.logprobs is None else {
+                "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         text = self.server.enc.decode(prompt)
         seq = self.sequences[choice.index]
         lp = None
@@ -705,9 +766,11 @@ class _Run:
                 pass
         finally:
             watcher.cancel()
-            status = "200" if not self.open else "cancelled (client gone)"
+            status = "200" if not self.open else "500 (engine error)" if self.error else "cancelled (client gone)"
             self._close()
             self._log(status)
+        if self.error is not None:
+            raise self.error
         choices = []
         for choice in self.choices:
             text, lp, base = "", None, 0
@@ -758,6 +821,11 @@ class _Run:
                 for chunk in filter(None, (self._piece(c, f, sent_tokens) for c, f in touched.values())):
                     yield chunk
                 touched.clear()
+            if self.error is not None:  # OpenAI's error shape as the last event before [DONE]
+                status = "500 stream (engine error)"
+                yield f"data: {json.dumps(self.error.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             if self.req.include_usage:
                 yield self._chunk([], self.usage())
             yield "data: [DONE]\n\n"
@@ -848,7 +916,9 @@ def run(args: argparse.Namespace) -> None:
     loaded = checkpoints.load_for_inference(args, "decode")
     model, device = loaded.model, loaded.device
     name = args.model_name or Path(args.checkpoint).resolve().name
-    server = Server(model, name, enc, args.max_batch, args.max_queue, loaded.weights, args.api_key)
+    # An engine thread that ends stops the server like a SIGTERM, and the exit status says it failed.
+    server = Server(model, name, enc, args.max_batch, args.max_queue, loaded.weights, args.api_key,
+                    on_engine_death=lambda: signal.raise_signal(signal.SIGTERM))
     cfg = model.config
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
           f"{device}, {server.engine.weights_description}, {args.threads} thread(s), max_batch={args.max_batch}, "
@@ -871,6 +941,9 @@ def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     Uvicorn(config).run(sockets=[listener])
+    if server.engine_error is not None:
+        raise RuntimeError("the engine thread stopped (its traceback is above); exiting so a supervisor can "
+                           "restart the server") from server.engine_error
     print("stopped", file=sys.stderr, flush=True)
 
 

@@ -5,8 +5,8 @@ cancellation and every settings error. CPU; float64 where argmax must not meet n
 import pytest
 import torch
 
-from engine import (ARGMAX_CHUNK, FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, SamplingParams,
-                    argmax_rows, sample_rows, uniforms)
+from engine import (ARGMAX_CHUNK, FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Engine, SamplingError,
+                    SamplingParams, argmax_rows, sample_rows, uniforms)
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64)
@@ -174,6 +174,43 @@ def test_cancel_frees_the_slot_for_the_next_request():
         pass
     assert second[0].tokens == Engine(model, max_batch=1).generate([[4, 5]], SamplingParams(max_tokens=3, temperature=0))[0]
     assert [o.finish_reason for s, o in events if o.token is None] == [FINISH_CANCELLED, FINISH_LENGTH]
+
+
+def test_a_step_that_raises_fails_its_sequences_and_the_next_step_goes_on():
+    """An internal bug in one decode step (injected): the step's sequences end with FINISH_ERROR and
+    free their slots, a waiting request is untouched, and the engine serves on."""
+    model = tiny(dtype=torch.float32)
+    engine = Engine(model, max_batch=1)
+    events = []
+    sink = lambda seq, out: events.append((seq, out))  # noqa: E731
+    running = engine.add([1, 2, 3], SamplingParams(max_tokens=5, temperature=0), sink)
+    waiting = engine.add([4, 5], SamplingParams(max_tokens=3, temperature=0), sink)
+    engine.step()  # prefill: running holds the one slot
+    real = engine._decode
+
+    def broken():
+        engine._decode = real
+        raise RuntimeError("injected fault")
+
+    engine._decode = broken
+    with pytest.raises(RuntimeError, match="injected fault"):
+        engine.step()
+    assert running[0].finish_reason == FINISH_ERROR and engine.num_running == 0 and engine.num_waiting == 1
+    while engine.step():
+        pass
+    expected = Engine(model, max_batch=1).generate([[4, 5]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert waiting[0].tokens == expected and waiting[0].finish_reason == FINISH_LENGTH
+
+
+def test_top_k_at_or_past_the_vocabulary_means_all_and_seeds_are_64_bit():
+    model = tiny(dtype=torch.float32)
+    sampled = lambda top_k, seed=3: Engine(model, max_batch=1).generate(  # noqa: E731
+        [[1, 2]], SamplingParams(max_tokens=8, temperature=1.0, top_k=top_k, seed=seed))[0]
+    assert sampled(None) == sampled(TINY["vocab_size"]) == sampled(2**63) == sampled(2**100)
+    assert sampled(None, -1) == sampled(None, 2**64 - 1)
+    for seed in (2**64, -(2**63) - 1, 1.5, True):
+        with pytest.raises(SamplingError, match="seed"):
+            SamplingParams(seed=seed)
 
 
 def test_uniforms_are_splitmix64():

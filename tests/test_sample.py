@@ -153,6 +153,17 @@ def test_top_k_1_equals_greedy(capsys, dirs):
     assert sampled != greedy  # else top-k=1 would pass by accident
 
 
+def test_top_k_at_or_past_the_vocabulary_means_all(capsys, dirs):
+    """A top_k past what the engine's int64 settings hold (2**63) used to end in a traceback."""
+    base = ["--checkpoint", dirs["hf"], "--prompt", "Once upon a time", "--max_new_tokens", 12, "--temperature", 1.0,
+            "--seed", 5]
+    code, unfiltered, err = run_cli(capsys, *base)
+    assert code == 0, err
+    for k in (50257, 2**63, 2**80):
+        code, out, err = run_cli(capsys, *base, "--top_k", k)
+        assert (code, out) == (0, unfiltered), err
+
+
 def test_prompt_longer_than_block_size_is_cropped_with_a_warning(capsys, dirs, enc):
     prompt = " ".join(f"word{i}" for i in range(40))
     ids = enc.encode_ordinary(prompt)
@@ -325,10 +336,18 @@ def test_extreme_filters_keep_the_most_likely_token(capsys, dirs, extreme):
     assert out == greedy
 
 
-def test_a_seed_beyond_64_bits_exits_2(capsys):
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**63) - 1])
+def test_a_seed_beyond_64_bits_exits_2(capsys, seed):
     with pytest.raises(SystemExit) as exc:
-        parse_args(["--checkpoint", "x", "--seed", str(2**70)])
-    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+        parse_args(["--checkpoint", "x", "--seed", str(seed)])
+    assert exc.value.code == 2 and "--seed must be an integer in [-2**63, 2**64)" in capsys.readouterr().err
+
+
+def test_a_negative_seed_is_the_same_as_its_unsigned_twin(capsys, dirs):
+    base = ["--checkpoint", dirs["hf"], "--prompt", "Once upon a time", "--max_new_tokens", 8, "--temperature", 1.0]
+    code, negative, err = run_cli(capsys, *base, "--seed", -1)
+    assert code == 0, err
+    assert run_cli(capsys, *base, "--seed", 2**64 - 1)[:2] == (0, negative)
 
 
 def test_a_closed_pipe_ends_sampling_quietly(dirs):

@@ -262,6 +262,12 @@ def test_prompt_past_the_context_is_400_naming_both_numbers(server):
     (dict(max_tokens=0), "max_tokens"), (dict(logprobs=9), "logprobs"), (dict(stop=["a"] * 5), "stop"),
     (dict(extra_body={"temperature": "hot"}), "temperature"), (dict(prompt=[[]]), "prompt"),
     (dict(prompt=[70000]), "prompt"), (dict(frequency_penalty=1.0), "frequency_penalty"),
+    # integers past 64 bits (top_k and seed used to overflow the engine's int64 settings in its step)
+    (dict(prompt=[2**64]), "prompt"), (dict(n=2**64), "n"), (dict(logprobs=2**64), "logprobs"),
+    (dict(extra_body={"seed": 2**64}), "seed"), (dict(extra_body={"seed": -(2**63) - 1}), "seed"),
+    (dict(extra_body={"top_k": -(2**64)}), "top_k"), (dict(extra_body={"top_p": 10**400}), "top_p"),
+    (dict(extra_body={"temperature": 10**400}), "temperature"), (dict(max_tokens=-(2**64)), "max_tokens"),
+    (dict(extra_body={"stream": True, "stream_options": {"include_usage": "yes"}}), "stream_options"),
 ])
 def test_bad_fields_are_400_naming_the_field(server, kwargs, param):
     kwargs = {"prompt": "Hi", **kwargs}
@@ -269,6 +275,27 @@ def test_bad_fields_are_400_naming_the_field(server, kwargs, param):
         create(server, **kwargs)
     assert err.value.body["param"] == param and param in err.value.body["message"]
     assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_huge_integers_leave_the_engine_serving_and_top_k_past_the_vocabulary_means_all(server):
+    kwargs = dict(prompt="a", max_tokens=8, temperature=1.0, seed=4)
+    unfiltered = create(server, **kwargs).choices[0].text
+    for k in (2**63, 50257):  # 2**63 used to raise in the engine's step and hang every later request
+        assert create(server, **kwargs, extra_body={"top_k": k}).choices[0].text == unfiltered
+    with pytest.raises(openai.BadRequestError) as err:
+        create(server, prompt="a", max_tokens=2**63)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert create(server, prompt="a", max_tokens=2, extra_body={"seed": -1}).choices[0].text == \
+        create(server, prompt="a", max_tokens=2, extra_body={"seed": 2**64 - 1}).choices[0].text
+
+
+def test_echo_of_an_empty_prompt_is_empty(server):
+    plain = create(server, prompt="", max_tokens=6, temperature=0).choices[0]
+    echoed = create(server, prompt="", max_tokens=6, temperature=0, echo=True, logprobs=1).choices[0]
+    assert echoed.text == plain.text and "<|endoftext|>" not in echoed.text
+    assert "".join(echoed.logprobs.tokens) == plain.text and echoed.logprobs.text_offset[0] == 0
+    texts, _, _ = streamed(server, prompt="", max_tokens=6, temperature=0, echo=True)
+    assert texts == {0: plain.text}
 
 
 def test_unknown_model_is_404(server):
@@ -461,6 +488,112 @@ def test_a_key_no_header_can_carry_is_refused_at_start(capsys):
     assert main(["--checkpoint", "nowhere", "--api_key", "cl\u00e9-\u2603"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --api_key") and "ASCII" in err, err
+
+
+# ------------------------------------------- in-process: a padded vocabulary, engine faults
+
+PADDED_BATCH, PADDED_QUEUE = 2, 1  # a small bound, so a leaked place shows at once
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """serve's app in this process (FastAPI's TestClient under the real `openai` client) over a
+    tiny model whose vocabulary is padded to 50304, as the speed configs pad it: the engine object
+    is at hand for fault injection."""
+    from fastapi.testclient import TestClient
+
+    from serve import Server, build_app
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50304)).eval()
+    lines, deaths = [], []
+    server = Server(model, "padded", gpt2_tokenizer(), PADDED_BATCH, PADDED_QUEUE, None, None, log=lines.append,
+                    on_engine_death=lambda: deaths.append(True))
+    with TestClient(build_app(server)) as http_client:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", max_retries=0, timeout=30,
+                               http_client=http_client)
+        yield dict(server=server, client=client, http=http_client, lines=lines, deaths=deaths)
+
+
+def idle(padded) -> bool:
+    server = padded["server"]
+    return server.outstanding == 0 and server.engine.num_running == 0 and not server.runs
+
+
+def test_ids_the_tokenizer_lacks_are_400_and_no_failure_keeps_a_queue_place(padded):
+    client = padded["client"]
+    for i in range(100):  # 50257-50303: in the model's padded vocabulary, not the tokenizer's
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="padded", prompt=[464, 50257 + i % 47], max_tokens=2)
+        assert err.value.body["param"] == "prompt" and "50257" in err.value.body["message"]
+    assert client.completions.create(model="padded", prompt="Hi", max_tokens=3).choices[0].finish_reason == "length"
+    assert idle(padded)
+
+
+def fail_next_decode(engine, error) -> None:
+    """Make the engine's next decode step raise `error` (an internal bug, simulated)."""
+    real = engine._decode
+
+    def broken():
+        engine._decode = real
+        raise error
+
+    engine._decode = broken
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(padded):
+    server, client = padded["server"], padded["client"]
+    fail_next_decode(server.engine, RuntimeError("injected fault"))
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="padded", prompt="Hi", max_tokens=4, n=2)
+    assert err.value.status_code == 500 and err.value.body["type"] == "server_error"
+    assert wait_until(lambda: idle(padded), timeout=10)
+
+    fail_next_decode(server.engine, RuntimeError("injected fault"))
+    with pytest.raises(openai.APIError, match="failed while generating"):  # the client raises at the error event
+        list(client.completions.create(model="padded", prompt="Hi", max_tokens=4, stream=True))
+    assert wait_until(lambda: idle(padded), timeout=10)
+    fail_next_decode(server.engine, RuntimeError("injected fault"))
+    raw = padded["http"].post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stream": True})
+    events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "server_error", events
+    assert wait_until(lambda: idle(padded), timeout=10)
+    assert any("injected fault" in line for line in padded["lines"])
+
+    for _ in range(PADDED_BATCH + PADDED_QUEUE + 1):  # every place came back
+        assert client.completions.create(model="padded", prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+    assert padded["http"].get("/health").json()["status"] == "ok"
+
+
+class EngineCrash(BaseException):
+    """Not an Exception: it escapes the engine's per-step recovery, as a bug in it would."""
+
+
+def test_a_dead_engine_fails_open_requests_and_health_is_503(padded):
+    # Last of the in-process tests: the engine thread ends.
+    server, client = padded["server"], padded["client"]
+    fail_next_decode(server.engine, EngineCrash("injected crash"))
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="padded", prompt="Hi", max_tokens=4)
+    assert padded["deaths"] == [True] and isinstance(server.engine_error, EngineCrash)
+    health = padded["http"].get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "engine stopped"
+    with pytest.raises(openai.InternalServerError) as err:  # 503: no hang, no 429
+        client.completions.create(model="padded", prompt="Hi", max_tokens=4)
+    assert err.value.status_code == 503 and "engine has stopped" in err.value.body["message"]
+
+
+def test_a_dead_engine_thread_ends_the_process_non_zero(server):
+    """`python serve.py` whose engine thread dies at once (Engine.run replaced by one that raises):
+    the server shuts down by itself and exits 1 with the traceback, for a supervisor to restart it."""
+    code = ("import sys, engine, serve\n"
+            "def crash(self, stop, **kwargs):\n    raise RuntimeError('injected crash')\n"
+            "engine.Engine.run = crash\n"
+            "sys.exit(serve.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(server["ckpt"]), "--port", str(free_port())],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "injected crash" in proc.stderr and "the engine thread stopped" in proc.stderr, proc.stderr
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
