@@ -90,6 +90,34 @@ def test_tying_survives_load_to_and_save(tmp_path):
     torch.testing.assert_close(loaded.lm_head.weight, model.transformer.wte.weight, rtol=0, atol=0)
 
 
+def test_tie_weights_reties_after_the_meta_device_and_to_empty():
+    """What Accelerate's FSDP2 RAM-efficient loading does (accelerate.utils.fsdp_utils): the model
+    to the meta device, tie_weights(), materialised, the full state dict loaded, tie_weights()."""
+    model, reference = tiny(), tiny()
+    state = reference.state_dict()
+    model.to(torch.device("meta"))  # each module's Parameter replaced on its own: untied
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    model.tie_weights()
+    assert_tied(model)
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    model.tie_weights()
+    assert_tied(model)
+    ids = random_ids(2, TINY["block_size"])
+    torch.testing.assert_close(model(ids)[0], reference(ids)[0], rtol=0, atol=0)
+    untied = tiny(tie_embeddings=False)
+    untied.tie_weights()  # a no-op for an untied model
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+
+
+def test_tying_survives_accelerate_prepare_and_names_the_block_for_fsdp():
+    from accelerate import Accelerator
+
+    model = Accelerator(cpu=True).prepare(tiny())
+    assert_tied(model)
+    assert GPT._no_split_modules == ["Block"] and type(model.transformer.h[0]).__name__ == "Block"
+
+
 def test_untied_lm_head_is_separate_and_initialised(tmp_path):
     model = tiny(tie_embeddings=False, vocab_size=512, n_embd=64, n_head=4)
     head, wte = model.lm_head.weight, model.transformer.wte.weight
