@@ -460,6 +460,11 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def cuda_version() -> str | None:
+    """The CUDA version torch was built with, e.g. "12.8"; None for a CPU-only build."""
+    return torch.version.cuda
+
+
 def device_name(device: torch.device) -> str:
     """The accelerator's name, e.g. "NVIDIA H100 80GB HBM3", or the device type elsewhere."""
     if device.type == "cuda":
