@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # a target that is not scored (F.cross_entropy's default)
+# Matmuls of bf16/fp16 operands that write fp32 results (torch.mm / addmm's out_dtype, torch >= 2.8,
+# CUDA kernels only): torch versions without them widen the rounded product instead.
+FP32_OUT_MATMULS = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -101,10 +104,10 @@ def _chunk_buffer(rows: int, V: int, device: torch.device) -> torch.Tensor:
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32. bf16/fp16 operands on CUDA: written as fp32 by the matmul itself (its
     accumulator, never rounded to bf16; torch.mm's out_dtype). On the CPU, whose torch has no such
-    kernel, the product in the operands' dtype, then widened."""
+    kernel (nor torch < 2.8 anywhere), the product in the operands' dtype, then widened."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and FP32_OUT_MATMULS:
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
@@ -114,7 +117,7 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     result."""
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and FP32_OUT_MATMULS:
         return torch.addmm(acc, a, b, out_dtype=torch.float32)  # beta=1: one pass over acc, no rounded temporary
     return acc.add_((a @ b).float())
 

@@ -128,8 +128,8 @@ def train_row(device: torch.device, compile: bool, batch: int = TRAIN_BATCH, T: 
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()} after {warmup + steps} steps")
     tokens_per_s = steps * batch * T / seconds
-    peak_flops = peak_bf16_flops(devices.device_name(device))
     name = devices.device_name(device)
+    peak_flops = peak_bf16_flops(name)
     return {
         "row": f"train 124M bf16 {'compiled' if compile else 'eager'}, {batch}x{T} tokens/step",
         "tokens_per_s": tokens_per_s,

@@ -157,7 +157,8 @@ def test_optimizer_steps_match_a_plain_reference(device, optimizer):
     """train.make_optimizers' optimizers (fused AdamW; Muon for the blocks' matrices) for two steps
     on fixed gradients, against the same optimizers on a CPU copy with AdamW's single-tensor
     loop (fused and foreach off). The parameters' change within 1e-5 of the reference's for AdamW;
-    Muon's Newton-Schulz iterations run in bf16 (on CUDA in other kernels), so 2e-2 there."""
+    Muon's Newton-Schulz iterations run in bf16 (on CUDA in other kernels, whose roundings five
+    iterations compound), so 5e-2 there."""
     model = tiny(device)
     reference = copy.deepcopy(model).cpu()
     cfg = train.with_derived(train.TrainConfig.from_flat(optimizer=optimizer, learning_rate=1e-2, muon_lr=2e-2), 1)
@@ -182,7 +183,7 @@ def test_optimizer_steps_match_a_plain_reference(device, optimizer):
     adamw = [n for n in ref_moved if n not in muon]
     assert relative_error({n: moved[n] for n in adamw}, {n: ref_moved[n] for n in adamw}) < 1e-5
     if muon:
-        assert relative_error({n: moved[n] for n in muon}, {n: ref_moved[n] for n in muon}) < 2e-2
+        assert relative_error({n: moved[n] for n in muon}, {n: ref_moved[n] for n in muon}) < 5e-2
 
 
 # --------------------------------------------------------------------------- gradient checkpointing
