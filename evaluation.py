@@ -43,7 +43,7 @@ def window_losses(model: GPT, batches: Iterable[torch.Tensor], device: torch.dev
     and eval.py --task val both go through here."""
     total, count = 0.0, 0
     for tokens in batches:
-        tokens = tokens.to(device)
+        tokens = tokens.to(device, non_blocking=True)  # one copy; inputs and targets are views of it
         with autocast:
             _, loss = model(tokens[:, :-1], tokens[:, 1:], reduction="sum")
         total += loss.item()  # a float64 sum on the host, whatever the device supports

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # a target that is not scored (F.cross_entropy's default)
+# Matmuls of bf16/fp16 operands that write fp32 results (torch.mm / addmm's out_dtype, torch >= 2.8,
+# CUDA kernels only): torch versions without them widen the rounded product instead.
+FP32_OUT_MATMULS = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -23,26 +26,36 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     (chunk_size, V) slice of the logits exists at once instead of (N, V): for GPT-2 124M and a
     micro-batch of 32 x 1,024 tokens, 0.2 GB per 1,024-row chunk instead of 6.6 GB in fp32.
 
-    Each chunk: logits = h_c @ weight.T in the input dtype (bf16 matmuls stay bf16), then
+    Each chunk: logits = h_c @ weight.T in the compute dtype (bf16 matmuls stay bf16), then
     softmax in fp32, in one (chunk_size, V) buffer reused by every chunk. For the "mean" and
     "sum" reductions the upstream gradient is one scalar, so forward also computes the gradients
     while the chunk's logits are at hand, and backward only scales them: three matmuls per chunk
     instead of four. For "none", backward recomputes each chunk's logits.
 
+    The gradients accumulate and are kept in fp32 whatever the compute dtype (on CUDA the bf16
+    matmuls write fp32 results directly) and are scaled by the fp32 upstream gradient, then
+    returned in h's and weight's own dtypes: h and weight come in uncast (the cast to the compute
+    dtype happens inside), so under autocast neither gradient is rounded to bf16 on its way out.
+    Rounding the scale to bf16 instead put up to 0.4% (2^-8) between the head's gradient and the
+    backbone's.
+
     A plain-PyTorch counterpart of torch.nn.functional.linear_cross_entropy (torch >= 2.13),
     used where that op is missing and wherever it was measured faster (see linear_cross_entropy).
-    Inputs: h (N, C), weight (V, C), targets (N,) int64 with -100 = not scored.
+    Inputs: h (N, C), weight (V, C), targets (N,) int64 with -100 = not scored, dtype: the
+    compute dtype of the matmuls (float32, bfloat16 or float16).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, reduction: str, grad_enabled: bool):
+    def forward(ctx, h, weight, targets, chunk_size: int, reduction: str, grad_enabled: bool, dtype: torch.dtype):
         # grad_enabled: whether the caller records gradients (forward itself always runs in
         # no_grad mode, and needs_input_grad is set under torch.no_grad() too).
         scored = targets != IGNORE_INDEX  # (N,)
         precompute = grad_enabled and reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        losses, grad_h, grad_w = _chunked_pass(h, weight, targets, scored, chunk_size, scored.float() if precompute else None)
+        losses, grad_h, grad_w = _chunked_pass(h.to(dtype), weight.to(dtype), targets, scored, chunk_size,
+                                               scored.float() if precompute else None)
         n_scored = scored.sum()
-        ctx.reduction, ctx.chunk_size, ctx.weight_dtype = reduction, chunk_size, weight.dtype
+        ctx.reduction, ctx.chunk_size, ctx.dtype = reduction, chunk_size, dtype
+        ctx.h_dtype, ctx.weight_dtype = h.dtype, weight.dtype
         if precompute:
             ctx.save_for_backward(grad_h, grad_w, n_scored)
         elif grad_enabled:
@@ -59,14 +72,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 raise RuntimeError("the chunked loss head scales its gradients in place, so it can be backpropagated "
                                    "through only once (retain_graph=True is not supported): use loss_impl='full'")
             ctx.done = True
-            grad_h, grad_w, n_scored = ctx.saved_tensors
-            scale = grad_out / n_scored.clamp(min=1) if ctx.reduction == "mean" else grad_out
-            # In place: no second (V, C) tensor per step.
-            return grad_h.mul_(scale.to(grad_h.dtype)), grad_w.mul_(scale).to(ctx.weight_dtype), None, None, None, None
+            grad_h, grad_w, n_scored = ctx.saved_tensors  # fp32 (N, C), fp32 (V, C)
+            scale = grad_out.float() / n_scored.clamp(min=1) if ctx.reduction == "mean" else grad_out.float()
+            # In place and in fp32: no second (V, C) tensor per step, one rounding at most (to the input's dtype).
+            return (grad_h.mul_(scale).to(ctx.h_dtype), grad_w.mul_(scale).to(ctx.weight_dtype),
+                    None, None, None, None, None)
         h, weight, targets = ctx.saved_tensors
         scored = targets != IGNORE_INDEX
-        _, grad_h, grad_w = _chunked_pass(h, weight, targets, scored, ctx.chunk_size, scored * grad_out.float())
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+        _, grad_h, grad_w = _chunked_pass(h.to(ctx.dtype), weight.to(ctx.dtype), targets, scored, ctx.chunk_size,
+                                          scored * grad_out.float())
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None, None, None, None, None
 
 
 _cpu_workspace = threading.local()
@@ -86,23 +101,47 @@ def _chunk_buffer(rows: int, V: int, device: torch.device) -> torch.Tensor:
     return kept[: rows * V].view(rows, V)
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32. bf16/fp16 operands on CUDA: written as fp32 by the matmul itself (its
+    accumulator, never rounded to bf16; torch.mm's out_dtype). On the CPU, whose torch has no such
+    kernel (nor torch < 2.8 anywhere), the product in the operands' dtype, then widened."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.device.type == "cuda" and FP32_OUT_MATMULS:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) + a @ b, as _mm_fp32 computes the product; in place where it can be, so use the
+    result."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.device.type == "cuda" and FP32_OUT_MATMULS:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)  # beta=1: one pass over acc, no rounded temporary
+    return acc.add_((a @ b).float())
+
+
 def _chunked_pass(h, weight, targets, scored, chunk_size: int, row_scale: torch.Tensor | None):
     """The work of ChunkedLinearCrossEntropy, chunk by chunk: per-row losses (N,) in fp32 (0 where
     `scored`, targets != -100, is False) and, when row_scale (N,) is given, the gradients of sum(row_scale * loss)
-    with respect to h (N, C, h's dtype) and weight (V, C, fp32); else (losses, None, None).
+    with respect to h (N, C) and weight (V, C), both fp32; else (losses, None, None). h and weight
+    come in the compute dtype.
 
     Each chunk's logits go into one reused buffer and become the softmax p in place (PyTorch's
     fused kernel, one pass). The loss is -log(p[target]), taken again from the row's logits where
-    p[target] underflowed. dloss/dlogits = p - onehot(targets) is n writes into the chunk, and the
-    row factors go onto the (n, C) operand and result instead of the (n, V) chunk: the passes
-    over the chunk are the softmax and three matmuls.
+    p[target] underflowed: those rows are noted per chunk and recomputed after the last, so a GPU
+    waits on the host once per call (the `any` check), not once per chunk. dloss/dlogits = p -
+    onehot(targets) is n writes into the chunk, and the row factors go onto the (n, C) operand and
+    result instead of the (n, V) chunk: the passes over the chunk are the softmax and three matmuls.
     """
     N, V = h.shape[0], weight.shape[0]
     safe_targets = targets.clamp(min=0)  # valid indices for gather; unscored rows get row_scale 0
     losses = torch.empty(N, dtype=torch.float32, device=h.device)
     grads = row_scale is not None
-    grad_h = torch.empty_like(h) if grads else None
+    grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if grads else None
     low = h.dtype != torch.float32  # bf16/fp16: matmuls in that dtype, softmax in fp32
+    lost = torch.zeros(N, dtype=torch.bool, device=h.device)  # rows whose p[target] underflowed
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
     buffer = _chunk_buffer(min(chunk_size, N), V, h.device)  # one for every chunk
     for start in range(0, N, chunk_size):
@@ -115,24 +154,20 @@ def _chunked_pass(h, weight, targets, scored, chunk_size: int, row_scale: torch.
             torch.mm(h_c, weight.T, out=probs)
         torch.softmax(probs, dim=-1, out=probs)  # logits -> softmax, in place
         p_target = probs.gather(1, t[:, None]).squeeze(1)  # (n,)
-        loss = -p_target.log()
-        lost = scored[rows] & (p_target < torch.finfo(torch.float32).tiny)  # loss > 87: p underflowed
-        if lost.any():  # rare (a diverging run); a GPU syncs here once per chunk
-            i = lost.nonzero().squeeze(1)
-            logits = (h_c[i] @ weight.T).float()
-            loss[i] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[i, None]).squeeze(1)
-        losses[rows] = torch.where(scored[rows], loss, 0.0)
+        lost[rows] = scored[rows] & (p_target < torch.finfo(torch.float32).tiny)  # loss > 87: p underflowed
+        losses[rows] = torch.where(scored[rows], -p_target.log(), 0.0)
         if not grads:
             continue
         probs[torch.arange(len(t), device=h.device), t] -= 1.0  # dL/dlogits = (p - onehot) * row_scale
         r = row_scale[rows, None]  # (n, 1)
         d = probs.to(h.dtype) if low else probs
-        grad_h[rows] = ((d @ weight).float() * r).to(h.dtype)  # dL/dh = (d * r) @ W
+        grad_h[rows] = _mm_fp32(d, weight).mul_(r)  # dL/dh = (d * r) @ W
         h_scaled = (h_c.float() * r).to(h.dtype)  # dL/dW = d.T @ (h * r)
-        if low:  # addmm_ wants one dtype: the bf16 product is added to the fp32 sum
-            grad_w += (d.T @ h_scaled).float()
-        else:
-            grad_w.addmm_(d.T, h_scaled)
+        grad_w = _addmm_fp32(grad_w, d.T, h_scaled)
+    if lost.any():  # rare (a diverging run): the loss from the rows' logits; the one host sync
+        i = lost.nonzero().squeeze(1)
+        logits = (h[i] @ weight.T).float()
+        losses[i] = torch.logsumexp(logits, dim=-1) - logits.gather(1, safe_targets[i, None]).squeeze(1)
     return losses, grad_h, grad_w
 
 
@@ -164,16 +199,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    h, weight = h.to(dtype), weight.to(dtype)
     if impl is None:
         torch_op = hasattr(F, "linear_cross_entropy") and dtype == torch.float32 and device != "cpu"
         impl = "torch" if torch_op else "own"
     if chunk_rows is None and device == "cpu":
         chunk_rows = cpu_chunk_rows(h.shape[-1], dtype)
     with torch.autocast(device, enabled=False):
-        if impl == "own":
+        if impl == "own":  # h and weight uncast: the op casts them, and returns their gradients unrounded
             return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_rows or 1024, reduction,
-                                                   torch.is_grad_enabled())
+                                                   torch.is_grad_enabled(), dtype)
+        h, weight = h.to(dtype), weight.to(dtype)
         if chunk_rows is not None:
             options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_rows, chunking_method=None)
         else:  # PyTorch's own per-device picks, measured on an A100

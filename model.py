@@ -169,6 +169,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2: token and position embeddings, n_layer Blocks, a final LayerNorm, the lm_head."""
 
+    # FSDP's transformer wrapping (Accelerate reads this name) puts each Block in its own unit;
+    # everything else, wte and the lm_head it is tied to among it, stays in the root unit together.
+    _no_split_modules = ["Block"]
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -180,10 +184,16 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            # One Parameter, two uses: the input embedding and the output projection [1].
-            self.lm_head.weight = self.transformer.wte.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With config.tie_embeddings, make lm_head.weight the very Parameter transformer.wte.weight
+        is: one Parameter, two uses, the input embedding and the output projection [1]. Moving the
+        model to or from the meta device, or `to_empty`, replaces each module's Parameter on its
+        own and so unties them; Accelerate calls this after FSDP2's RAM-efficient loading."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -306,6 +306,10 @@ class ShardLoader:
 
     The position is `state_dict()` / `load_state_dict()`: a resumed run continues with exactly
     the batches a straight run would have seen.
+
+    pin_memory: build each micro-batch in pinned (page-locked) host memory, for a CUDA target
+    (devices.pin_batches says when; pinning needs CUDA). Only then can `next_batch(device)`'s copy
+    run asynchronously, overlapping the GPU's work on the step before.
     """
 
     def __init__(
@@ -317,6 +321,7 @@ class ShardLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -327,6 +332,7 @@ class ShardLoader:
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.pin_memory = pin_memory
         windows_per_shard = np.array([max(len(s) - 1, 0) // block_size for s in self.shards])
         self.first_window = np.concatenate([[0], np.cumsum(windows_per_shard)])  # (n_shards + 1,)
         self.num_windows = int(self.first_window[-1])
@@ -359,14 +365,18 @@ class ShardLoader:
         return self._epoch_order()[start : start + self.micro_batch_size]
 
     def read_windows(self, ids: np.ndarray) -> torch.Tensor:
-        """Window ids (B,) -> tokens (B, block_size + 1) as int64."""
+        """Window ids (B,) -> tokens (B, block_size + 1) as int64, one contiguous tensor (pinned
+        with pin_memory), each window converted straight into its row."""
         import torch
 
         shard = np.searchsorted(self.first_window, ids, side="right") - 1
         starts = (ids - self.first_window[shard]) * self.block_size
         T1 = self.block_size + 1
-        rows = [self.shards[s][o : o + T1] for s, o in zip(shard, starts)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        tokens = torch.empty((len(ids), T1), dtype=torch.int64, pin_memory=self.pin_memory)
+        rows = tokens.numpy()  # the same memory
+        for i, (s, o) in enumerate(zip(shard, starts)):
+            rows[i] = self.shards[s][o : o + T1]
+        return tokens
 
     def next_windows(self) -> torch.Tensor:
         """The next micro-batch of windows, (B, block_size + 1) int64 on the CPU; moves to the next
@@ -378,9 +388,14 @@ class ShardLoader:
             self.micro_step = 0
         return tokens
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), each (B, block_size) int64 on the CPU: inputs and next-token targets."""
-        tokens = self.next_windows()
+    def next_batch(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), each (B, block_size) int64: inputs and next-token targets, on the CPU
+        or on `device`. Moved as one tensor in one copy, non-blocking (asynchronous where the
+        loader pins its batches), x and y its overlapping views there: two copies of the views
+        would each gather a strided block first, and only a pinned source copies asynchronously."""
+        tokens = self.next_windows()  # (B, T + 1)
+        if device is not None:
+            tokens = tokens.to(device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
 
     def rewind(self) -> None:

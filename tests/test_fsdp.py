@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import checkpoints
+import devices
 from conftest import failure, latest, tiny_args, torchrun
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate runs FSDP only on GPUs")
+pytestmark = pytest.mark.skipif(not devices.cuda_available(), reason="Accelerate runs FSDP only on GPUs (no CUDA here)")
 
 FSDP_ENV = {
     "ACCELERATE_USE_CPU": "false",

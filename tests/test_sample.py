@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import devices
 from conftest import save_weights
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream, main, parse_args
@@ -285,7 +286,7 @@ def test_prompt_ids_outside_a_small_vocab(capsys, tmp_path):
     assert_one_line_error(*run_cli(capsys, "--checkpoint", tmp_path / "toy"), "vocab_size=100")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.skipif(devices.cuda_available(), reason="checks the error on a machine without CUDA")
 def test_unavailable_device(capsys, dirs):
     assert_one_line_error(*run_cli(capsys, "--checkpoint", dirs["hf"], "--device", "cuda"), "CUDA")
 
