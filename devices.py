@@ -395,6 +395,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    """How many CUDA devices this process can see (0 without CUDA): multi-GPU tests ask it."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def allow_tf32(device: torch.device) -> str | None:
     """On CUDA, let fp32 matmuls and convolutions run on TF32 tensor cores (10-bit mantissa
     products, fp32 accumulation; several times full fp32's rate on A100/H100): fp32 training's

@@ -34,6 +34,15 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def in_process_training_on_the_cpu(monkeypatch):
+    """train.main in this process trains on the CPU, as the commands run by `env()` do: Accelerate
+    would take a GPU where there is one (and with mixed_precision=auto, bf16), and the tests'
+    references are CPU fp32 numbers. Tests of the GPU path clear it (tests/test_cuda_runs.py's
+    `device` fixture)."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory):
     """Where devices.py keeps measured bf16/fp32 rates during the tests (and in the commands they

@@ -65,7 +65,8 @@ def gpt2_dir(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    """eval.main on argv, on the CPU unless argv says otherwise (the references are CPU fp32)."""
+    code = main(["--device", "cpu", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out, err
 

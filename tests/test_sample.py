@@ -41,7 +41,9 @@ def dirs(tmp_path_factory):
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    """sample.main on argv, on the CPU in float32 unless argv says otherwise (the references are
+    CPU fp32 forward passes; "auto" would take a GPU, or bf16 where measured faster)."""
+    code = main(["--device", "cpu", "--dtype", "float32", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out, err
 

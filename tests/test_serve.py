@@ -60,8 +60,9 @@ def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve") / NAME
     ckpt = save_weights(run_dir, 1, tiny_model())
     port = free_port()
+    # on the CPU: the tests compare against transformers and log-softmax in CPU fp32
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(run_dir), "--port", str(port),
-                             "--max_batch", str(MAX_BATCH), "--max_queue", str(MAX_QUEUE), "--shutdown_timeout", "5"],
+                             "--device", "cpu", "--max_batch", str(MAX_BATCH), "--max_queue", str(MAX_QUEUE), "--shutdown_timeout", "5"],
                             cwd=ROOT, env={**env(), "SERVE_API_KEY": KEY}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
