@@ -12,7 +12,8 @@ import checkpoints
 import devices
 from conftest import failure, latest, tiny_args, torchrun
 
-pytestmark = pytest.mark.skipif(not devices.cuda_available(), reason="Accelerate runs FSDP only on GPUs (no CUDA here)")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not devices.cuda_available(), reason="Accelerate runs FSDP only on GPUs (no CUDA here)")]
 
 FSDP_ENV = {
     "ACCELERATE_USE_CPU": "false",
