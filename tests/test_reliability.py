@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import atomic
 import checkpoints
 import conftest
+import run_dir
 import train
 import train_config
 from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, tiny_args, wait_until
@@ -37,7 +38,7 @@ def main(*argv):
 
 
 def losses(out_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in train.read_log(out_dir / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_dir.read_log(out_dir / "log.jsonl") if "loss" in r}
 
 
 def torchrun(args, **env_extra) -> subprocess.CompletedProcess:
