@@ -5,6 +5,7 @@ nothing that looks whole, and every user mistake is one line with exit status 2.
 
 Real runs throughout: train.main in-process, `python train.py` and torchrun as subprocesses."""
 
+import hashlib
 import json
 import math
 import os
@@ -243,8 +244,12 @@ def test_kill_while_pruning_leaves_nothing_listed_that_does_not_load(data_dir, t
     main(*tiny_args(data_dir, out, "--max_steps=1", "--lr_decay_steps=6", "--ckpt_interval=1"))
     bulk = checkpoints.step_dir(out, 1) / "state" / "bulk"  # slows its deletion down to a second or two
     bulk.mkdir()
+    meta = json.loads((checkpoints.step_dir(out, 1) / "meta.json").read_text())
     for i in range(60_000):
         (bulk / str(i)).touch()
+        # in the manifest, so step 1 stays a checkpoint this project wrote (checkpoints.is_own), which prune removes
+        meta["files"][f"state/bulk/{i}"], meta["sha256"][f"state/bulk/{i}"] = 0, hashlib.sha256(b"").hexdigest()
+    (checkpoints.step_dir(out, 1) / "meta.json").write_text(json.dumps(meta))
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=2", "--lr_decay_steps=6",
                              "--ckpt_interval=1", "--keep_last_ckpts=1", "--init_from=resume")],
                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
