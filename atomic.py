@@ -171,9 +171,24 @@ def building_dir(final: Path, tmp: Path) -> Iterator[Path]:
 
 def file_mode() -> int:
     """The mode a newly published file gets: 0666 less the process's umask (as open() gives)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux >= 4.7: the
+    Umask line of /proc/self/status). os.umask can only read it by setting it, and for that moment
+    a file another thread creates (serve.py runs threads) would get the wrong mode: it is the
+    fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 class DirLock:

@@ -259,11 +259,17 @@ def finish(tmp: Path, final: Path, meta: dict) -> None:
     atomic.publish_dir(tmp, final)
 
 
-def prune(out_dir: str | Path, newest: Path, keep: int) -> list[Path]:
+def prune(out_dir: str | Path, newest: Path, keep: int, warn: Callable[[list[Path]], None] = lambda kept: None
+          ) -> list[Path]:
     """Remove checkpoints older than `newest` beyond the newest `keep` (counting `newest`).
-    Never touches `newest` or anything newer. Returns what was removed."""
+    Never touches `newest` or anything newer, nor a directory that is not a checkpoint this project
+    wrote (`is_own`: a user's folder with a step_ name and a meta.json): those are passed to
+    warn(paths) and left alone. Returns what was removed."""
     older = [p for p in list_checkpoints(out_dir) if step_of(p) < step_of(newest)]
-    doomed = older[: max(len(older) - (keep - 1), 0)]
+    beyond = older[: max(len(older) - (keep - 1), 0)]
+    doomed = [p for p in beyond if is_own(p)]
+    if len(doomed) < len(beyond):
+        warn([p for p in beyond if p not in doomed])
     for path in doomed:
         atomic.remove_dir(path)
     return doomed

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import atomic  # noqa: E402
 from errors import ConfigError, exit_status  # noqa: E402
-from train import read_log  # noqa: E402
+from run_dir import read_log  # noqa: E402
 
 
 def curve(out_dir: Path) -> list[tuple[int, float, float]]:

@@ -13,6 +13,7 @@ import torch
 import checkpoints
 import evaluation
 import prepare_data
+import run_dir
 import train
 from conftest import assert_one_line_error, failure, run_command, tiny_args, torchrun
 from eval import main
@@ -229,7 +230,7 @@ def test_val_task_equals_train_eval(data_dir, tmp_path, capsys):
     over the same 8 windows gives the same loss."""
     out = tmp_path / "run"
     train.main(tiny_args(data_dir, out, "--max_steps=3", "--lr_decay_steps=6"))
-    logged = [r["val_loss"] for r in train.read_log(out / "log.jsonl") if "val_loss" in r][-1]
+    logged = [r["val_loss"] for r in run_dir.read_log(out / "log.jsonl") if "val_loss" in r][-1]
     code, _, err = run_cli(capsys, "--checkpoint", out, "--task", "val", "--data", data_dir, "--limit", 8,
                            "--batch_size", 3, "--out", tmp_path / "val.json", "--dtype", "float32")
     assert code == 0, err
@@ -280,7 +281,7 @@ def test_hellaswag_during_training_matches_across_process_counts(gpt2_tokens, he
     assert proc.returncode == 0, failure(proc)
     figures = {}
     for run in ("one", "two"):
-        records = [r for r in train.read_log(tmp_path / run / "log.jsonl") if "hellaswag_acc_norm" in r]
+        records = [r for r in run_dir.read_log(tmp_path / run / "log.jsonl") if "hellaswag_acc_norm" in r]
         assert [r["step"] for r in records] == [0, 2]
         figures[run] = records[0]
     for key in ("hellaswag_acc", "hellaswag_acc_norm"):

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 import checkpoints
+import run_dir
 import train
 import train_config
 from conftest import ROOT, VOCAB, failure, tiny_args, torchrun
@@ -33,7 +34,7 @@ def main(*argv):
 
 
 def read_log(out_dir) -> list[dict]:
-    return train.read_log(out_dir / "log.jsonl")
+    return run_dir.read_log(out_dir / "log.jsonl")
 
 
 def train_losses(out_dir) -> list[float]:

@@ -5,6 +5,7 @@ nothing that looks whole, and every user mistake is one line with exit status 2.
 
 Real runs throughout: train.main in-process, `python train.py` and torchrun as subprocesses."""
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 import atomic
 import checkpoints
 import conftest
+import run_dir
 import train
 import train_config
 from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, tiny_args, wait_until
@@ -37,7 +39,7 @@ def main(*argv):
 
 
 def losses(out_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in train.read_log(out_dir / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_dir.read_log(out_dir / "log.jsonl") if "loss" in r}
 
 
 def torchrun(args, **env_extra) -> subprocess.CompletedProcess:
@@ -242,8 +244,12 @@ def test_kill_while_pruning_leaves_nothing_listed_that_does_not_load(data_dir, t
     main(*tiny_args(data_dir, out, "--max_steps=1", "--lr_decay_steps=6", "--ckpt_interval=1"))
     bulk = checkpoints.step_dir(out, 1) / "state" / "bulk"  # slows its deletion down to a second or two
     bulk.mkdir()
+    meta = json.loads((checkpoints.step_dir(out, 1) / "meta.json").read_text())
     for i in range(60_000):
         (bulk / str(i)).touch()
+        # in the manifest, so step 1 stays a checkpoint this project wrote (checkpoints.is_own), which prune removes
+        meta["files"][f"state/bulk/{i}"], meta["sha256"][f"state/bulk/{i}"] = 0, hashlib.sha256(b"").hexdigest()
+    (checkpoints.step_dir(out, 1) / "meta.json").write_text(json.dumps(meta))
     proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(data_dir, out, "--max_steps=2", "--lr_decay_steps=6",
                              "--ckpt_interval=1", "--keep_last_ckpts=1", "--init_from=resume")],
                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState
 import atomic
 import checkpoints
 import prepare_data
+import run_dir
 import train
 from conftest import ROOT, assert_one_line_error, env, run_command, tiny_args, wait_until
 from errors import ConfigError, DataError, DivergenceError
@@ -287,7 +288,7 @@ DAMAGE = {
 def straight(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     main(*tiny_args(data_dir, out, *COMMON, "--max_steps=6"))
-    return {r["step"]: r["loss"] for r in train.read_log(out / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_dir.read_log(out / "log.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -301,7 +302,7 @@ def test_resume_falls_back_past_any_file_that_does_not_verify(data_dir, run_copy
     warning = next(line for line in printed.splitlines() if "skipping damaged checkpoint" in line)
     assert "step_0000004" in warning and named in warning
     assert f"resumed from {checkpoints.step_dir(out, 2)} at step 2" in printed
-    got = {r["step"]: r["loss"] for r in train.read_log(out / "log.jsonl") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in run_dir.read_log(out / "log.jsonl") if "loss" in r}
     assert got == straight, "bit-exact with the straight run, RNG included"
 
 
@@ -354,6 +355,19 @@ def test_checkpoint_files_are_published_with_the_usual_mode(run4):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == mode, path
     assert (run4 / "train_config.json").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux shows the umask in /proc/self/status")
+def test_file_mode_reads_the_umask_without_changing_it(monkeypatch):
+    """os.umask can only be read by setting it, which races with threads creating files (serve.py)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def set_umask(mask):
+        raise AssertionError(f"os.umask({mask:o}) changes the umask of every thread")
+
+    monkeypatch.setattr(os, "umask", set_umask)
+    assert atomic.file_mode() == 0o666 & ~umask
 
 
 def test_every_published_file_has_the_umasks_mode(data_dir, tmp_path):
