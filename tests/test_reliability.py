@@ -95,8 +95,14 @@ def test_a_new_run_never_deletes_or_overwrites_what_it_did_not_write(data_dir, t
     (out / "ckpt" / "old_model" / "weights.pt").write_bytes(b"weights")
     (out / "README.md").write_text("about this run")
     foreign = snapshot(out)
+    for extra in ([], ["--overwrite=true"]):  # ckpt/ holds what no run wrote: refused either way, untouched
+        with pytest.raises(ConfigError, match=r"not checkpoints this project wrote .*ckpt/notes\.txt, ckpt/old_model"):
+            main(*tiny_args(data_dir, out, "--max_steps=2", *extra))
+        assert snapshot(out) == foreign, "a refused run changes nothing"
 
-    main(*tiny_args(data_dir, out, "--max_steps=2"))  # nothing of a run was there: it starts beside them
+    shutil.rmtree(out / "ckpt")  # the user moves their files away; README.md stays beside the run
+    foreign = snapshot(out)
+    main(*tiny_args(data_dir, out, "--max_steps=2"))  # nothing of a run was there: it starts beside it
     assert {k: v for k, v in snapshot(out).items() if k in foreign} == foreign
 
     before = snapshot(out)
@@ -107,7 +113,7 @@ def test_a_new_run_never_deletes_or_overwrites_what_it_did_not_write(data_dir, t
     main(*tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in foreign} == foreign, "--overwrite removes only the run's outputs"
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["notes.txt", "old_model", "step_0000001"]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["step_0000001"]
     assert max(losses(out)) == 1
 
 
