@@ -352,6 +352,7 @@ class TrainState:
     loss: Optional[float] = None  # of the last step, averaged over processes
     val_loss: Optional[float] = None  # of the last eval
     num_processes: Optional[int] = None  # that wrote the checkpoint
+    device: Optional[str] = None  # the device type that wrote it ("cpu", "cuda"); None in older checkpoints
 
     def advance(self, loss: float, tokens: int, loader: ShardLoader) -> None:
         """Account for one optimizer step that consumed `tokens` tokens from `loader`."""
@@ -389,6 +390,15 @@ class Resume:
     train_config: dict
     model: GPT
 
+    def rng_note(self, device: torch.device) -> str:
+        """What the resume line adds when this checkpoint brings no CUDA random state for a CUDA run
+        (Accelerate saves it only where CUDA was present, and skips it silently on load)."""
+        saved_on = self.state.device
+        if device.type != "cuda" or saved_on == "cuda":
+            return ""
+        return (f" (it was saved on {saved_on or 'a device it does not record'}, with no CUDA random state: dropout "
+                f"on the GPU draws anew from here)")
+
     def restore(self, accelerator: Accelerator, optimizers: list[torch.optim.Optimizer],
                 log: Callable[[str], None]) -> None:
         """Load the checkpoint's optimizer, RNG and scaler state (Accelerate's load_state) into the
@@ -424,8 +434,9 @@ def _restore_settings(optimizers, settings: list[list[dict]]) -> list[str]:
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    """Whether every local parameter (a shard under FSDP) is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether every local parameter (a shard under FSDP: FSDP2's DTensors are checked through
+    their local part, so no process gathers the others') is finite."""
+    return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
 
 
 def gathered_weights(accelerator: Accelerator, model) -> dict | None:

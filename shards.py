@@ -18,6 +18,7 @@ partial shards are never trained on. A failed or interrupted run removes what it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 import atomic
-from errors import DataError, ShardError
+from errors import ConfigError, DataError, ShardError
 
 if TYPE_CHECKING:  # torch is imported where batches are made: prepare_data.py never needs it
     import torch
@@ -429,3 +430,24 @@ class ShardLoader:
         self.micro_step = consumed // self.windows_per_micro_step
         if self.micro_step >= self.steps_per_epoch:
             self.epoch, self.micro_step = self.epoch + 1, 0
+
+
+def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
+    """Every token id in the data must be below the model's vocab_size. meta.json (prepare_data.py)
+    says which vocabulary the shards use; foreign shards (llm.c, modded-nanogpt) have none, so
+    their largest id is read (a vectorised pass over the memmaps)."""
+    meta = Path(data_dir) / "meta.json"
+    if meta.is_file():
+        try:
+            data_vocab = json.loads(meta.read_text()).get("vocab_size")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise ShardError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
+        if data_vocab is not None and (not isinstance(data_vocab, int) or isinstance(data_vocab, bool)):
+            raise ShardError(f"{meta}: vocab_size={data_vocab!r} is not a whole number; run prepare_data.py again")
+        if data_vocab is not None and data_vocab > vocab_size:
+            raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's vocab_size={vocab_size}")
+        return
+    largest = max_token_id(paths)
+    if largest >= vocab_size:
+        raise ConfigError(f"the shards in {data_dir} hold token id {largest}, but the model's vocab_size={vocab_size} "
+                          f"only covers ids below it; raise vocab_size or use other data")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
 import os
 import signal
@@ -38,7 +37,7 @@ import checkpoints
 import devices
 import evaluation
 import shards
-from errors import ConfigError, DivergenceError, ShardError, exit_status
+from errors import ConfigError, DivergenceError, exit_status
 from model import GPT
 from run_dir import (PLOT_FILE, SHAPE_KEYS, Resume, RunDir, TrainState, all_ranks, plot_losses, resumed_shape,
                      runtime_overrides, skip_model_weights_in_state)
@@ -133,7 +132,10 @@ def train_step(model, optimizers: list, accelerator: Accelerator, loader: ShardL
             group["lr"] = lr * (peak / cfg.learning_rate)  # AdamW: lr * 1.0, exactly lr
     loss = accumulate_gradients(model, accelerator, loader, cfg.grad_accum_steps)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
-    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), device=loss.device)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    # FSDP2 returns the norm as a DTensor (its value replicated on every process); the all-reduce below takes plain tensors
+    grad_norm = torch.as_tensor(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
+                                device=loss.device)
     # One all-reduce carries the loss, the norm and any stop request, so every process agrees on all three.
     stop_flag = torch.tensor(float(stop.received is not None), device=loss.device)
     loss, grad_norm, stopped = accelerator.reduce(torch.stack([loss, grad_norm.float(), stop_flag]), "mean").tolist()
@@ -165,9 +167,7 @@ def accumulate_gradients(model, accelerator: Accelerator, loader: ShardLoader, m
     """
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(micro_steps):
-        x, y = loader.next_batch()
-        x = x.to(accelerator.device, non_blocking=True)
-        y = y.to(accelerator.device, non_blocking=True)
+        x, y = loader.next_batch(accelerator.device)  # one non-blocking copy, from pinned memory on CUDA
         with accelerator.accumulate(model):
             _, loss = model(x, y)
             accelerator.backward(loss)
@@ -306,9 +306,10 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
 
     raw_model, cfg = build_model(cfg, resume, log)
     train_loader, val_loader = load_data(cfg, accelerator, raw_model.config.vocab_size)
-    state = TrainState(train_loader=train_loader.state_dict(), num_processes=accelerator.num_processes)
+    where = dict(num_processes=accelerator.num_processes, device=accelerator.device.type)
+    state = TrainState(train_loader=train_loader.state_dict(), **where)
     if resume is not None:
-        state = dataclasses.replace(resume.state, num_processes=accelerator.num_processes)
+        state = dataclasses.replace(resume.state, **where)
         train_loader.load_state_dict(state.train_loader)
     examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
                 if cfg.hellaswag_data else None)
@@ -325,15 +326,20 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
     run_dir.start(cfg, accelerator, resume.state.step if resume is not None else None)
     accelerator.wait_for_everyone()
     if resume is not None:
-        log(f"resumed from {resume.ckpt} at step {state.step}")
+        log(f"resumed from {resume.ckpt} at step {state.step}{resume.rng_note(accelerator.device)}")
     if cfg.log_with:
         accelerator.init_trackers(run_dir.path.name, config=cfg.to_flat())
+    tf32 = devices.allow_tf32(accelerator.device)  # None off CUDA
     log(f"{n_params / 1e6:.2f}M parameters | {describe_processes(accelerator)} | "
         f"{cfg.tokens_per_step:,} tokens/step = {cfg.micro_batch_size} seq x {cfg.model.block_size} tok x "
-        f"{cfg.grad_accum_steps} accum x {accelerator.num_processes} proc | mixed_precision={cfg.mixed_precision}")
+        f"{cfg.grad_accum_steps} accum x {accelerator.num_processes} proc | mixed_precision={cfg.mixed_precision}"
+        + (f" | {tf32}" if tf32 else ""))
     evaluators = [lambda: {"val_loss": val_loss(model, val_loader, accelerator, cfg.eval_steps)}]
     if examples is not None:
-        evaluators.append(hellaswag_evaluator(model, raw_model.config.block_size, examples, accelerator,
+        # HellaSwag's batches vary in length, which would recompile a compiled model; outside FSDP (whose
+        # forward needs its wrapper) the plain module scores them, eagerly, with the same weights.
+        scorer = model if accelerator.distributed_type == DistributedType.FSDP else raw_model
+        evaluators.append(hellaswag_evaluator(scorer, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
         log(f"HellaSwag at every eval: {len(examples):,} examples from {cfg.hellaswag_data}")
     return Trainer(cfg, accelerator, run_dir, raw_model, model, optimizers, train_loader, state, evaluators,
@@ -370,39 +376,19 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, vocab_size: int) -> tu
     vocab_size and that the val split holds eval_steps micro-batches. Raises ConfigError or ShardError."""
     rank, world = accelerator.process_index, accelerator.num_processes
     train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
-    check_vocab(cfg.data_dir, train_paths + val_paths, vocab_size)
+    shards.check_vocab(cfg.data_dir, train_paths + val_paths, vocab_size)
     if vocab_size >= VOCAB_SIZE:
         gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_extras.py): fail now, not at the first save
     window, batch = cfg.model.block_size, cfg.micro_batch_size
-    train_loader = ShardLoader(train_paths, window, batch, rank, world, seed=cfg.seed, shuffle=True)
-    val_loader = ShardLoader(val_paths, window, batch, rank, world, seed=cfg.seed, shuffle=False)
+    pin = devices.pin_batches(accelerator.device)
+    train_loader = ShardLoader(train_paths, window, batch, rank, world, seed=cfg.seed, shuffle=True, pin_memory=pin)
+    val_loader = ShardLoader(val_paths, window, batch, rank, world, seed=cfg.seed, shuffle=False, pin_memory=pin)
     if val_loader.steps_per_epoch < cfg.eval_steps:
         raise ConfigError(
             f"eval_steps={cfg.eval_steps} needs {cfg.eval_steps * val_loader.windows_per_micro_step} val "
             f"windows but {cfg.data_dir} has {val_loader.num_windows}; lower eval_steps"
         )
     return train_loader, val_loader
-
-
-def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
-    """Every token id in the data must be below the model's vocab_size. meta.json (prepare_data.py)
-    says which vocabulary the shards use; foreign shards (llm.c, modded-nanogpt) have none, so
-    their largest id is read (a vectorised pass over the memmaps)."""
-    meta = Path(data_dir) / "meta.json"
-    if meta.is_file():
-        try:
-            data_vocab = json.loads(meta.read_text()).get("vocab_size")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-            raise ShardError(f"{meta} is not a readable JSON object ({err}); run prepare_data.py again") from None
-        if data_vocab is not None and (not isinstance(data_vocab, int) or isinstance(data_vocab, bool)):
-            raise ShardError(f"{meta}: vocab_size={data_vocab!r} is not a whole number; run prepare_data.py again")
-        if data_vocab is not None and data_vocab > vocab_size:
-            raise ConfigError(f"{meta} has vocab_size {data_vocab}, larger than the model's vocab_size={vocab_size}")
-        return
-    largest = shards.max_token_id(paths)
-    if largest >= vocab_size:
-        raise ConfigError(f"the shards in {data_dir} hold token id {largest}, but the model's vocab_size={vocab_size} "
-                          f"only covers ids below it; raise vocab_size or use other data")
 
 
 def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -540,6 +526,22 @@ def resolve_mixed_precision(cfg: TrainConfig, processes: PartialState, log) -> s
     return precision
 
 
+def check_fsdp(accelerator: Accelerator) -> None:
+    """Raise ConfigError for the FSDP settings this loop cannot run correctly. FSDP1 without
+    use_orig_params swaps the parameters for flat ones in prepare(), after the optimizers were
+    built over the originals, which would then never see a gradient; a sharded state dict writes
+    the optimizer as per-process folders, which checkpoints (verified whole files) do not hold."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if plugin is None:
+        return
+    if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+        raise ConfigError("FSDP1 needs use_orig_params=true here (FSDP_USE_ORIG_PARAMS=true, or fsdp_use_orig_params "
+                          "in accelerate config): the optimizers are built before prepare(); or use fsdp_version: 2")
+    if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        raise ConfigError(f"FSDP's state_dict_type is {plugin.state_dict_type}; checkpoints need FULL_STATE_DICT "
+                          f"(FSDP_STATE_DICT_TYPE=FULL_STATE_DICT, or fsdp_state_dict_type in accelerate config)")
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The one Accelerator. With compile=true it compiles the model in prepare(), after wrapping it
     in DDP or FSDP, as Accelerate expects; checkpoints are saved from the uncompiled module."""
@@ -581,6 +583,7 @@ def _main(cfg: TrainConfig, processes: PartialState, run_dir: RunDir, stop: Stop
         return resume.model, resume.state.state_dict()
     cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg, processes, log))
     accelerator = make_accelerator(cfg)
+    check_fsdp(accelerator)
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         log(f"warning: FSDP was requested (ACCELERATE_USE_FSDP) but Accelerate runs FSDP only on GPUs; this run "
             f"uses {describe_processes(accelerator)}")

@@ -272,3 +272,41 @@ def test_compiled_run_saves_plain_gpt2_weights_and_resumes(data_dir, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     _, state = train.main(tiny_args(data_dir, tmp_path / "run", "--max_steps=3", "--init_from=resume", *common))
     assert state["step"] == 3 and math.isfinite(state["loss"])
+
+
+# ------------------------------------------------------------- FSDP and CUDA settings
+
+
+def test_fsdp_settings_this_loop_cannot_run_are_refused_in_one_line():
+    """FSDP runs only on GPUs, so Accelerate's real FSDP plugin sits in a stand-in for the
+    Accelerator here: the check reads nothing else of it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin as Plugin
+
+    def accelerator(plugin):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+
+    with pytest.raises(ConfigError, match="FSDP1 needs use_orig_params=true"):
+        train.check_fsdp(accelerator(Plugin(fsdp_version=1, use_orig_params=False)))
+    with pytest.raises(ConfigError, match="SHARDED_STATE_DICT; checkpoints need FULL_STATE_DICT"):
+        train.check_fsdp(accelerator(Plugin(fsdp_version=2)))  # FSDP2's default
+    train.check_fsdp(accelerator(Plugin(fsdp_version=1, use_orig_params=True)))
+    train.check_fsdp(accelerator(Plugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")))
+    train.check_fsdp(Accelerator(cpu=True))  # no FSDP: nothing to check
+    AcceleratorState._reset_state(True)
+
+
+def test_the_resume_line_says_when_no_cuda_random_state_comes_with_the_checkpoint(data_dir, tmp_path):
+    from run_dir import Resume, TrainState
+
+    out = tmp_path / "run"
+    train.main(tiny_args(data_dir, out, "--max_steps=2"))
+    meta = json.loads((latest(out) / "meta.json").read_text())
+    assert meta["device"] == "cpu"  # recorded beside the step, for the resume to compare
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    for saved_on in ("cpu", None):
+        note = Resume(latest(out), TrainState(device=saved_on), {}, None).rng_note(cuda)
+        assert "no CUDA random state" in note and (saved_on or "does not record") in note
+    assert Resume(latest(out), TrainState(device="cuda"), {}, None).rng_note(cuda) == ""
+    assert Resume(latest(out), TrainState(device="cpu"), {}, None).rng_note(torch.device("cpu")) == ""
