@@ -4,7 +4,9 @@ their shared --checkpoint/--device/--dtype options (`add_model_args`, `load_for_
 
     out_dir/ckpt/step_0000500/
         config.json          \\ a Hugging Face GPT-2 directory: sample.py, init_from and
-        model.safetensors    /  transformers load it as it is (weights of the unwrapped model)
+        model.safetensors    /  transformers load it as it is (weights of the unwrapped model);
+                             a LoRA run writes its adapter instead (adapter_config.json,
+                             adapter_model.safetensors, lora_base.json: lora.py)
         tokenizer.json, ...  GPT-2's tokenizer, generation_config.json and the model card README.md
                              (hf_extras.py): for other tools; nothing here reads them back
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
@@ -136,8 +138,12 @@ def foreign_entries(out_dir: str | Path) -> list[Path]:
 
 
 def is_weights_dir(path: Path) -> bool:
-    """A Hugging Face GPT-2 directory: config.json and a weight file."""
-    return (path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+    """A Hugging Face GPT-2 directory (config.json and a weight file), or a LoRA run's checkpoint
+    (a PEFT adapter over a base directory it names, lora.py)."""
+    import lora
+
+    return ((path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)) \
+        or lora.is_adapter_dir(path)
 
 
 def candidates(path: str | Path) -> list[Path]:
@@ -270,9 +276,13 @@ def prune(out_dir: str | Path, newest: Path, keep: int) -> list[Path]:
 
 
 def load_model(directory: Path, **overrides):
-    """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
+    """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError; for a LoRA
+    checkpoint, its base with the adapter merged in (lora.load: the base is checked, then built so)."""
+    import lora
     from model import GPT
 
+    if lora.is_adapter_dir(Path(directory)):
+        return lora.load(Path(directory), trainable=False, **overrides)
     check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)

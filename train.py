@@ -37,6 +37,7 @@ import atomic
 import checkpoints
 import devices
 import evaluation
+import lora
 import shards
 from errors import CheckpointError, ConfigError, DivergenceError, ShardError, exit_status
 from model import GPT
@@ -376,8 +377,11 @@ class RunDir:
             accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
             full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
             if accelerator.is_main_process:
-                raw_model.save_pretrained(tmp, state_dict=full_weights,
-                                          training={**state.state_dict(), "train_config": cfg.to_flat()})
+                if lora.is_wrapped(raw_model):  # LoRA: the adapter alone, in PEFT's layout (lora.py)
+                    lora.save_adapter(raw_model, tmp)
+                else:
+                    raw_model.save_pretrained(tmp, state_dict=full_weights,
+                                              training={**state.state_dict(), "train_config": cfg.to_flat()})
                 atomic.write_json(tmp / checkpoints.TRAIN_CONFIG_FILE, cfg.to_flat())
 
         self._on_every_process(accelerator, final, self._make_tmp, tmp, main_only=True)
@@ -468,7 +472,10 @@ def _load_resume(ckpt: Path, cfg: TrainConfig) -> Resume:
         raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
     state = TrainState()
     state.load_state_dict(checkpoints.read_meta(ckpt))
-    model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+    if lora.is_adapter_dir(ckpt):  # LoRA: base + adapter, the adapter trainable (lora.py)
+        model = lora.load(ckpt, trainable=True, lora_dropout=cfg.lora_dropout, **runtime_overrides(cfg))
+    else:
+        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
     try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"))
     return Resume(ckpt, state, train_config, model)
 
@@ -508,7 +515,7 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, Trai
             mismatched.append(f"block_size={cfg.model.block_size} (the checkpoint's context: {model.config.block_size})")
         if mismatched:
             raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
-        return model, cfg
+        return lora.for_run(model, cfg, None, log), cfg  # LoRA: checks the resumed adapter against cfg
     if cfg.init_from == "scratch":
         return GPT(cfg.model), cfg
     log(f"fine-tuning from {cfg.init_from}")
@@ -518,6 +525,7 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, Trai
     if cfg.model.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.model.block_size} exceeds the context of {cfg.init_from} "
                           f"({model.config.block_size} tokens)")
+    model = lora.for_run(model, cfg, Path(cfg.init_from), log)  # LoRA: freeze the base, add the adapter
     return model, dataclasses.replace(cfg, model=dataclasses.replace(model.config, block_size=cfg.model.block_size))
 
 
