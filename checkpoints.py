@@ -29,7 +29,6 @@ damaged ones, and past any that its `load` cannot load.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,7 @@ import decode_weights
 import devices
 from errors import CheckpointError, OptionError
 from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
+from atomic import file_sha256  # every checkpoint file's hash (in atomic.py so lora.py hashes a base alike)
 from hf_weights import WEIGHT_FILES
 
 if TYPE_CHECKING:
@@ -241,15 +241,6 @@ def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, w
     raise CheckpointError(f"no loadable checkpoint in {path}: " + "; ".join(failures))
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex (read in 4 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def finish(tmp: Path, final: Path, meta: dict) -> None:
     """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's state files
     are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256
@@ -282,7 +273,7 @@ def load_model(directory: Path, **overrides):
     from model import GPT
 
     if lora.is_adapter_dir(Path(directory)):
-        return lora.load(Path(directory), trainable=False, **overrides)
+        return lora.load(Path(directory), lambda base: load_model(base, **overrides), trainable=False)
     check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import atomic
 from errors import CheckpointError, ConfigError
@@ -68,21 +68,17 @@ def is_wrapped(model) -> bool:
 def base_identity(base_dir: Path) -> dict:
     """{"path": the base directory's absolute path, "weights": its weight file's name, "sha256": that
     file's SHA-256}: what a LoRA checkpoint records so that a base that moved or changed is named."""
-    import checkpoints
-
     base_dir = Path(base_dir).resolve()
     weights = next((name for name in WEIGHT_FILES if (base_dir / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{base_dir} holds no weights file ({' or '.join(WEIGHT_FILES)})")
-    return {"path": str(base_dir), "weights": weights, "sha256": checkpoints.file_sha256(base_dir / weights)}
+    return {"path": str(base_dir), "weights": weights, "sha256": atomic.file_sha256(base_dir / weights)}
 
 
 def checked_base(adapter_dir: Path) -> Path:
     """The base directory that adapter_dir's lora_base.json names, after checking it is there and
     that its weights file has the recorded SHA-256. Raises CheckpointError (one line) naming the
     base when it moved, was removed or changed."""
-    import checkpoints
-
     record_path = Path(adapter_dir) / BASE_FILE
     try:
         record = json.loads(record_path.read_text())
@@ -94,7 +90,7 @@ def checked_base(adapter_dir: Path) -> Path:
     if not (base / weights).is_file():
         raise CheckpointError(f"the base model of the LoRA adapter in {adapter_dir} is gone: {base / weights} does "
                               f"not exist (moved or removed?); put it back at {base}")
-    if checkpoints.file_sha256(base / weights) != digest:
+    if atomic.file_sha256(base / weights) != digest:
         raise CheckpointError(f"the base model of the LoRA adapter in {adapter_dir} changed: {base / weights} no "
                               f"longer has the SHA-256 recorded when the adapter was trained ({digest[:16]}...)")
     return base
@@ -174,12 +170,11 @@ def save_adapter(model: "GPT", directory: Path) -> None:
 # ------------------------------------------------------------------ loading
 
 
-def load(directory: Path, trainable: bool, lora_dropout: float = 0.0, **overrides) -> "GPT":
-    """The model a LoRA checkpoint stands for: its base (checked, see checked_base; built with
-    `overrides`, hf_weights.OVERRIDABLE) with the adapter loaded. trainable: the wrapped GPT, base
-    frozen, adapter trainable (a resume, with lora_dropout); else the adapter merged into the
-    base weights (a plain GPT, for inference). Raises CheckpointError naming what does not load."""
-    import checkpoints
+def load(directory: Path, load_base: Callable[[Path], "GPT"], trainable: bool, lora_dropout: float = 0.0) -> "GPT":
+    """The model a LoRA checkpoint stands for: its base (checked, see checked_base; built by
+    load_base(base directory): checkpoints.load_model with the caller's settings) with the adapter
+    loaded. trainable: the wrapped GPT, base frozen, adapter trainable (a resume, with
+    lora_dropout); else the adapter merged into the base weights (a plain GPT, for inference). Raises CheckpointError naming what does not load."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -192,7 +187,7 @@ def load(directory: Path, trainable: bool, lora_dropout: float = 0.0, **override
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{directory / ADAPTER_CONFIG_FILE} is not a LoRA adapter config "
                               f"({type(err).__name__}: {err})") from None
-    model = checkpoints.load_model(base, **overrides)
+    model = load_base(base)
     peft_model = _wrap(model, rank, alpha, lora_dropout, targets, base)
     try:
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(directory / ADAPTER_WEIGHTS_FILE).items()}

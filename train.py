@@ -473,7 +473,8 @@ def _load_resume(ckpt: Path, cfg: TrainConfig) -> Resume:
     state = TrainState()
     state.load_state_dict(checkpoints.read_meta(ckpt))
     if lora.is_adapter_dir(ckpt):  # LoRA: base + adapter, the adapter trainable (lora.py)
-        model = lora.load(ckpt, trainable=True, lora_dropout=cfg.lora_dropout, **runtime_overrides(cfg))
+        model = lora.load(ckpt, lambda base: checkpoints.load_model(base, **runtime_overrides(cfg)), trainable=True,
+                          lora_dropout=cfg.lora_dropout)
     else:
         model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
     try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"))

@@ -221,4 +221,4 @@ def test_a_changed_base_is_an_error(run, base, tmp_path):
     record = json.loads((copy / lora.BASE_FILE).read_text())
     (copy / lora.BASE_FILE).write_text(json.dumps({**record, "sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="changed"):
-        lora.load(copy, trainable=False)
+        checkpoints.load_model(copy)
