@@ -222,3 +222,12 @@ def test_a_changed_base_is_an_error(run, base, tmp_path):
     (copy / lora.BASE_FILE).write_text(json.dumps({**record, "sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="changed"):
         checkpoints.load_model(copy)
+
+
+def test_a_missing_peft_is_a_one_line_error(run, base, data_dir, tmp_path, monkeypatch):
+    out, _, _ = run
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError, find_spec finds nothing
+    with pytest.raises(ConfigError, match=r"lora_rank > 0 needs peft: pip install -e '\.\[lora\]'"):
+        train.main(lora_args(data_dir, base, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[lora\]'"):
+        checkpoints.load_model(latest(out))
