@@ -231,3 +231,9 @@ def test_a_missing_peft_is_a_one_line_error(run, base, data_dir, tmp_path, monke
         train.main(lora_args(data_dir, base, tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[lora\]'"):
         checkpoints.load_model(latest(out))
+
+
+def test_fsdp_is_refused_with_lora(base, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="lora_rank > 0 does not run under FSDP"):
+        train.main(lora_args(data_dir, base, tmp_path / "run"))
