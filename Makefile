@@ -20,7 +20,7 @@ setup: $(VENV)/.installed .cache/tiktoken
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,plot,serve]"
+	$(PY) -m pip install -q -e ".[dev,plot,serve,lora]"
 	touch $@
 
 .cache/tiktoken:

@@ -8,6 +8,7 @@
     python bench.py eval     # HellaSwag examples/s (needs `make hellaswag`)
     python bench.py optimizer  # one optimizer step, AdamW vs Muon + AdamW, at small.py's shape and GPT-2 124M
     python bench.py gpu      # GPU only: 124M training tokens/s and MFU, decoding vs transformers (make gpu-check)
+    python bench.py lora     # full fine-tune vs LoRA rank 8 at 124M and gpt2-medium (needs data/shakespeare)
     python bench.py          # every section
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import data, eval, gpu, head, optimizer, sample, serve, train
+from benchmarks import data, eval, gpu, head, lora, optimizer, sample, serve, train
 
 # Section name -> its module (HELP, add_arguments(parser), run(**options)), in the order
 # `python bench.py` runs them.
 SECTIONS = {"data": data, "train": train, "head": head, "sample": sample, "serve": serve, "eval": eval,
-            "optimizer": optimizer, "gpu": gpu}
+            "optimizer": optimizer, "lora": lora, "gpu": gpu}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ their shared --checkpoint/--device/--dtype options (`add_model_args`, `load_for_
 
     out_dir/ckpt/step_0000500/
         config.json          \\ a Hugging Face GPT-2 directory: sample.py, init_from and
-        model.safetensors    /  transformers load it as it is (weights of the unwrapped model)
+        model.safetensors    /  transformers load it as it is (weights of the unwrapped model);
+                             a LoRA run writes its adapter instead (adapter_config.json,
+                             adapter_model.safetensors, lora_base.json: lora.py)
         tokenizer.json, ...  GPT-2's tokenizer, generation_config.json and the model card README.md
                              (hf_extras.py): for other tools; nothing here reads them back
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
@@ -27,7 +29,6 @@ damaged ones, and past any that its `load` cannot load.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import decode_weights
 import devices
 from errors import CheckpointError, OptionError
 from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
+from atomic import file_sha256  # every checkpoint file's hash (in atomic.py so lora.py hashes a base alike)
 from hf_weights import WEIGHT_FILES
 
 if TYPE_CHECKING:
@@ -136,8 +138,12 @@ def foreign_entries(out_dir: str | Path) -> list[Path]:
 
 
 def is_weights_dir(path: Path) -> bool:
-    """A Hugging Face GPT-2 directory: config.json and a weight file."""
-    return (path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+    """A Hugging Face GPT-2 directory (config.json and a weight file), or a LoRA run's checkpoint
+    (a PEFT adapter over a base directory it names, lora.py)."""
+    import lora
+
+    return ((path / HF_CONFIG_FILE).is_file() and any((path / name).is_file() for name in WEIGHT_FILES)) \
+        or lora.is_adapter_dir(path)
 
 
 def candidates(path: str | Path) -> list[Path]:
@@ -235,15 +241,6 @@ def load_latest(path: str | Path, load: Callable[[Path], T], need_state: bool, w
     raise CheckpointError(f"no loadable checkpoint in {path}: " + "; ".join(failures))
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex (read in 4 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def finish(tmp: Path, final: Path, meta: dict) -> None:
     """Publish a checkpoint built in `tmp`: give every file the usual mode (Accelerate's state files
     are not written through atomic.atomic_path, which sets it), record every file's size and SHA-256
@@ -276,9 +273,13 @@ def prune(out_dir: str | Path, newest: Path, keep: int, warn: Callable[[list[Pat
 
 
 def load_model(directory: Path, **overrides):
-    """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError."""
+    """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError; for a LoRA
+    checkpoint, its base with the adapter merged in (lora.load: the base is checked, then built so)."""
+    import lora
     from model import GPT
 
+    if lora.is_adapter_dir(Path(directory)):
+        return lora.load(Path(directory), lambda base: load_model(base, **overrides), trainable=False)
     check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 
 import atomic
 import checkpoints
+import lora
 from errors import CheckpointError, ConfigError, DivergenceError
 from model import GPT
 from shards import ShardLoader
@@ -175,8 +176,11 @@ class RunDir:
             accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
             full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
             if accelerator.is_main_process:
-                raw_model.save_pretrained(tmp, state_dict=full_weights,
-                                          training={**state.state_dict(), "train_config": cfg.to_flat()})
+                if lora.is_wrapped(raw_model):  # LoRA: the adapter alone, in PEFT's layout (lora.py)
+                    lora.save_adapter(raw_model, tmp)
+                else:
+                    raw_model.save_pretrained(tmp, state_dict=full_weights,
+                                              training={**state.state_dict(), "train_config": cfg.to_flat()})
                 atomic.write_json(tmp / checkpoints.TRAIN_CONFIG_FILE, cfg.to_flat())
 
         _on_every_process(accelerator, self.path, final, _make_tmp, self.path, tmp, main_only=True)
@@ -315,7 +319,11 @@ def _load_resume(ckpt: Path, cfg: TrainConfig, make_optimizers: OptimizerFactory
         raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
     state = TrainState()
     state.load_state_dict(checkpoints.read_meta(ckpt))
-    model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+    if lora.is_adapter_dir(ckpt):  # LoRA: base + adapter, the adapter trainable (lora.py)
+        model = lora.load(ckpt, lambda base: checkpoints.load_model(base, **runtime_overrides(cfg)), trainable=True,
+                          lora_dropout=cfg.lora_dropout)
+    else:
+        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
     try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"),
                             make_optimizers)
     return Resume(ckpt, state, train_config, model)

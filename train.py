@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import checkpoints
 import devices
 import evaluation
+import lora
 import shards
 from errors import ConfigError, DivergenceError, exit_status
 from model import GPT
@@ -132,10 +133,8 @@ def train_step(model, optimizers: list, accelerator: Accelerator, loader: ShardL
             group["lr"] = lr * (peak / cfg.learning_rate)  # AdamW: lr * 1.0, exactly lr
     loss = accumulate_gradients(model, accelerator, loader, cfg.grad_accum_steps)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, don't clip
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    # FSDP2 returns the norm as a DTensor (its value replicated on every process); the all-reduce below takes plain tensors
-    grad_norm = torch.as_tensor(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm,
-                                device=loss.device)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # FSDP2: a DTensor, replicated
+    grad_norm = torch.as_tensor(getattr(grad_norm, "full_tensor", lambda: grad_norm)(), device=loss.device)
     # One all-reduce carries the loss, the norm and any stop request, so every process agrees on all three.
     stop_flag = torch.tensor(float(stop.received is not None), device=loss.device)
     loss, grad_norm, stopped = accelerator.reduce(torch.stack([loss, grad_norm.float(), stop_flag]), "mean").tolist()
@@ -246,8 +245,7 @@ class Throughput:
 
 
 def _format_time(seconds: float) -> str:
-    minutes, sec = divmod(int(seconds), 60)
-    return f"{minutes}m{sec:02d}s"
+    return "{}m{:02d}s".format(*divmod(int(seconds), 60))
 
 
 def release_wrapped_model(trainer: Trainer) -> None:
@@ -336,8 +334,7 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
         + (f" | {tf32}" if tf32 else ""))
     evaluators = [lambda: {"val_loss": val_loss(model, val_loader, accelerator, cfg.eval_steps)}]
     if examples is not None:
-        # HellaSwag's batches vary in length, which would recompile a compiled model; outside FSDP (whose
-        # forward needs its wrapper) the plain module scores them, eagerly, with the same weights.
+        # HellaSwag's lengths vary (a compiled model would recompile): the plain module scores, except under FSDP
         scorer = model if accelerator.distributed_type == DistributedType.FSDP else raw_model
         evaluators.append(hellaswag_evaluator(scorer, raw_model.config.block_size, examples, accelerator,
                                               cfg.micro_batch_size))
@@ -358,7 +355,7 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, Trai
             mismatched.append(f"block_size={cfg.model.block_size} (the checkpoint's context: {model.config.block_size})")
         if mismatched:
             raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
-        return model, cfg
+        return lora.for_run(model, cfg, None, log), cfg  # LoRA: checks the resumed adapter against cfg
     if cfg.init_from == "scratch":
         return GPT(cfg.model), cfg
     log(f"fine-tuning from {cfg.init_from}")
@@ -368,6 +365,7 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, Trai
     if cfg.model.block_size > model.config.block_size:
         raise ConfigError(f"block_size={cfg.model.block_size} exceeds the context of {cfg.init_from} "
                           f"({model.config.block_size} tokens)")
+    model = lora.for_run(model, cfg, Path(cfg.init_from), log)  # LoRA: freeze the base, add the adapter
     return model, dataclasses.replace(cfg, model=dataclasses.replace(model.config, block_size=cfg.model.block_size))
 
 

@@ -58,6 +58,11 @@ class TrainConfig:
     muon_momentum: float = 0.95  # Muon's momentum
     muon_nesterov: bool = True  # Nesterov momentum in Muon
     muon_weight_decay: float = 0.0  # Muon's decoupled decay (times its current rate)
+    # LoRA (lora.py, through peft): low-rank adapters train, the base weights stay frozen
+    lora_rank: int = 0  # adapter rank r; 0: full fine-tune (every weight trains)
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated module names adapted in every block (c_proj: attn and mlp)
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evals (also at step 0 and the last step)
     eval_steps: int = 20  # micro-batches per eval, per process
@@ -111,6 +116,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("match_rms_adamw", "original")  # torch.optim.Muon's adjust_lr_fn
 MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the Linear layers of a block (STYLE.md, Names)
 
 
 def config_keys() -> dict[str, type]:
@@ -271,6 +277,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.optimizer in OPTIMIZERS, f"optimizer={cfg.optimizer!r} must be one of {OPTIMIZERS}")
     if cfg.optimizer == "muon":
         problems += _muon_problems(cfg)
+    problems += _lora_problems(cfg)
     # Every checkpoint is a GPT-2 Hugging Face directory, whose layout has every bias: say so now,
     # not at the first save after ckpt_interval steps of training.
     need(cfg.model.bias, "bias=False cannot be checkpointed: checkpoints are GPT-2 Hugging Face directories, "
@@ -297,6 +304,39 @@ def _muon_problems(cfg: TrainConfig) -> list[str]:
         # gradients would be unscaled twice.
         (cfg.mixed_precision != "fp16", "optimizer=muon does not run with mixed_precision='fp16' (Accelerate's "
                                         "loss scaler handles one optimizer per step); use bf16 or no"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    """cfg.lora_targets as a list of module names."""
+    return [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
+
+
+def _lora_problems(cfg: TrainConfig) -> list[str]:
+    import importlib.util
+    import os
+
+    targets = lora_targets(cfg)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    problems = [message for ok, message in [
+        (cfg.lora_rank >= 0, f"lora_rank={cfg.lora_rank} must be >= 0 (0: full fine-tune)"),
+        (cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha} must be > 0"),
+        (0 <= cfg.lora_dropout < 1, f"lora_dropout={cfg.lora_dropout} must be in [0, 1)"),
+        (bool(targets) and not unknown, f"lora_targets={cfg.lora_targets!r}: {', '.join(map(repr, unknown)) or 'none'} "
+                                        f"is not one of the blocks' modules {LORA_TARGETS}"),
+    ] if not ok]
+    if cfg.lora_rank <= 0 or problems:
+        return problems
+    checks = [
+        # The adapter is saved beside a base directory it names; a scratch model has none.
+        (cfg.init_from != "scratch", "lora_rank > 0 needs init_from= a GPT-2 directory (or resume): a LoRA adapter "
+                                     "trains on a base model's frozen weights, and init_from=scratch has none"),
+        # Muon orthogonalises whole matrices; the adapters' thin A and B are not what it is for.
+        (cfg.optimizer != "muon", "optimizer=muon does not run with lora_rank > 0; use optimizer=adamw"),
+        (os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true", "yes", "on"),
+         "lora_rank > 0 does not run under FSDP (ACCELERATE_USE_FSDP): use DDP, or a full fine-tune with FSDP"),
+        (importlib.util.find_spec("peft") is not None, "lora_rank > 0 needs peft: pip install -e '.[lora]'"),
     ]
     return [message for ok, message in checks if not ok]
 
