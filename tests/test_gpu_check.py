@@ -68,7 +68,7 @@ def test_exit_status_and_json_from_the_results(monkeypatch, tmp_path, capsys, fa
              "timed_out": False, "ok": True}
     monkeypatch.setattr(gpu_check, "run_cuda_tests", lambda timeout_s: tests)
     rows = [{"row": "train", "tokens_per_s": 1e5, "status": "failed" if failed_row else "ok"}]
-    monkeypatch.setattr(gpu, "run", lambda device, log: rows)
+    monkeypatch.setattr(gpu, "rows", lambda device, log: rows)
     assert gpu_check.main(["--json", str(tmp_path / "out.json")]) == (1 if failed_row else 0)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["device"] == "NVIDIA H100 80GB HBM3" and [r["row"] for r in saved["rows"]] == ["pytest -m cuda tests/", "train"]
