@@ -23,7 +23,7 @@ import train
 from conftest import ROOT, assert_one_line_error, env, failure, latest, run_command, torchrun, wait_until
 from errors import CheckpointError, ConfigError
 from model import GPT, GPTConfig
-from train import read_log
+from run_dir import read_log
 
 peft = pytest.importorskip("peft")
 
