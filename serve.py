@@ -53,16 +53,15 @@ import threading
 import time
 import traceback
 from collections import deque
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import checkpoints
-from engine import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, Engine, Output, SamplingError, SamplingParams
+from completions import DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, error_event, parse_completion
+from engine import FINISH_CANCELLED, FINISH_ERROR, Engine, Output
 from errors import ServeError, exit_status
-from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
+from tokenizer import gpt2_tokenizer
 
 try:  # the optional `serve` extra; run() says how to install it when it is missing
     import uvicorn
@@ -74,204 +73,13 @@ except ImportError as err:
 else:
     _MISSING_EXTRA = None
 
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_LOGPROBS = 5  # alternatives per token (OpenAI's limit)
-MAX_N = 128
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 API_KEY_ENV = "SERVE_API_KEY"
 # A legal request is at most --max_batch + --max_queue prompts (40 by default) of at most block_size
 # tokens (1,024 for GPT-2): as token ids ~7 bytes of JSON each (~7 KB a prompt), as text rarely
 # more than ~8 bytes a token even with escapes. 4 MiB holds that ten times over and is read and
 # parsed in well under a second.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-FINISH_SHUTDOWN = "shutdown"  # the finish_reason of a choice the server ended because it is stopping
 PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
-
-
-# ------------------------------------------------------------------------ errors
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------- requests
-
-
-@dataclass
-class CompletionRequest:
-    """A checked /v1/completions body: prompts as token ids, and the sampling settings."""
-
-    prompts: list[list[int]]
-    shown: list[bool]  # per prompt: False for "", which starts from <|endoftext|> and echoes as ""
-    params: SamplingParams
-    n: int
-    stop: list[str]
-    stream: bool
-    echo: bool
-    include_usage: bool
-
-
-def _check_type(body: dict, name: str, kinds: tuple, what: str, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds:
-        raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
-    if not isinstance(value, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", name)
-    return value
-
-
-def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionRequest:
-    """Check a /v1/completions body and tokenize its prompts. vocab_size: the ids a prompt may
-    hold (the tokenizer's, where the model's vocabulary is padded past it). Raises APIError (400)
-    naming the field, its value and the rule."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for name, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None),
-                          ("suffix", None), ("best_of", None)):
-        value = body.get(name)
-        if value is not None and value != neutral and not (name == "best_of" and value == body.get("n", 1)):
-            raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
-    prompts, shown = _prompts(body.get("prompt"), enc, vocab_size)
-    max_tokens = _check_type(body, "max_tokens", (int,), "an integer >= 1", DEFAULT_MAX_TOKENS)
-    for ids in prompts:
-        if len(ids) + max_tokens > block_size:
-            raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
-                                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
-                                f"completion). Please reduce your prompt; or completion length.",
-                           "max_tokens", "context_length_exceeded")
-    temperature = _check_type(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
-    if not 0 <= temperature <= 2:  # OpenAI's range, narrower than the engine's
-        raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
-    top_p = _check_type(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
-    top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off; at or past the vocabulary: all)", 0)
-    if top_k < -1:
-        raise APIError(400, f"'top_k' must be >= 1, or -1 or 0 for off, got {top_k}", "top_k")
-    n = _check_type(body, "n", (int,), f"an integer in [1, {MAX_N}]", 1)
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
-    seed = _check_type(body, "seed", (int,), "an integer in [-2**63, 2**64)", None)
-    logprobs = _check_type(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]", None)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
-        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them, "
-                            f"got {json.dumps(body.get('stop'))[:80]}", "stop")
-    stream = _check_type(body, "stream", (bool,), "a boolean", False)
-    echo = _check_type(body, "echo", (bool,), "a boolean", False)
-    options = _check_type(body, "stream_options", (dict,), "an object", {})
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise APIError(400, f"'stream_options.include_usage' must be a boolean, got {json.dumps(include_usage)[:80]}",
-                       "stream_options")
-    try:  # the engine's ranges are checked once, in SamplingParams (top_p before any float(): 1e400 is an int)
-        params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
-                                top_k=top_k if top_k > 0 else None, top_p=top_p if top_p != 1 else None,
-                                seed=seed, stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
-                                logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
-    except SamplingError as err:
-        raise APIError(400, f"'{err.setting}' {err.rule}", err.setting) from None
-    return CompletionRequest(prompts, shown, params, n, stop, stream, echo, include_usage)
-
-
-def _prompts(prompt, enc, vocab_size: int) -> tuple[list[list[int]], list[bool]]:
-    """`prompt` as token-id lists (ids in [0, vocab_size)): a string, a list of strings, a list of
-    ids, or a list of id lists; and per prompt whether its tokens are its text. An empty string
-    starts from <|endoftext|>, as sample.py does, which is not its text."""
-    rule = "a string, a list of strings, a list of token ids, or a list of token-id lists"
-    if prompt is None:
-        raise APIError(400, "'prompt' is required", "prompt")
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise APIError(400, f"'prompt' must be {rule}, got {json.dumps(prompt)[:80]}", "prompt")
-    out, shown = [], []
-    for item in prompt:
-        shown.append(item != "")
-        if isinstance(item, str):
-            out.append(enc.encode_ordinary(item) or [EOT_TOKEN])
-        elif (isinstance(item, list) and item
-              and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
-            bad = [t for t in item if not 0 <= t < vocab_size]
-            if bad:
-                raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})", "prompt")
-            out.append(list(item))
-        else:
-            raise APIError(400, f"'prompt' must be {rule}, got an item {json.dumps(item)[:80]}", "prompt")
-    return out, shown
-
-
-# ----------------------------------------------------------------------- choices
-
-
-@dataclass
-class Choice:
-    """One choice's text as it is generated: detokenized incrementally, cut at a stop string,
-    with the part that could still become a stop string held back from a stream."""
-
-    index: int
-    stream: TextStream
-    stops: list[str]
-    text: str = ""  # generated text so far (cut at a stop string once one appears)
-    sent: int = 0  # characters of `text` already streamed
-    tokens: list[int] = field(default_factory=list)
-    token_logprobs: list = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prefix: str = ""  # the echoed prompt, sent before the first piece
-
-    def add(self, out: Output) -> bool:
-        """Take one token; returns True when a stop string now ends the choice."""
-        self.offsets.append(len(self.text))
-        self.tokens.append(out.token)
-        self.token_logprobs.append(out.logprob)
-        self.top_logprobs.append(out.top_logprobs)
-        before = len(self.text)
-        self.text += self.stream.feed([out.token])
-        if self.stops:
-            longest = max(map(len, self.stops))
-            start = max(0, before - longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
-                return True
-        return False
-
-    def finish(self, reason: str) -> None:
-        if self.finish_reason is None:
-            self.text += self.stream.finish()
-            self.finish_reason = "stop" if reason != FINISH_LENGTH else "length"
-
-    def ready(self) -> str:
-        """New text safe to send: all of it once finished, else all but a possible stop-string start."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            for k in range(min(end - self.sent, max(map(len, self.stops), default=1) - 1), 0, -1):
-                if any(s.startswith(self.text[end - k:]) for s in self.stops):
-                    end -= k
-                    break
-        piece, self.sent = self.text[self.sent: end], max(self.sent, end)
-        return piece
 
 
 # ------------------------------------------------------------------------- server
@@ -344,9 +152,6 @@ class Server:
             deliver, event = self._handoff.popleft()
             deliver(*event)
 
-    def token_text(self, token: int) -> str:
-        return self.enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
     def completion(self, body) -> CompletionRequest:
         """Check one /v1/completions body against the model and tokenize it; runs off the event loop
         (a large prompt takes a while). Raises APIError."""
@@ -365,12 +170,23 @@ class Server:
                                 f"the server holds at most {self.capacity} (--max_batch + --max_queue)", "n")
         return req
 
-    def admit(self, req: CompletionRequest) -> None:
-        """Check the queue bound for `req` (event-loop thread only). Raises APIError (429)."""
-        count = len(req.prompts) * req.n
+    def admit(self, run, count: int) -> None:
+        """Hold `count` places in the queue bound for `run` and tell it if the engine thread stops,
+        until `release` gives the places back and `forget` lets the run go (event-loop thread only).
+        Raises APIError (429) when the bound is full."""
         if self.outstanding + count > self.capacity:
             raise APIError(429, f"the server is busy: {self.outstanding} sequences running or queued, {count} more "
                                 f"would pass its bound of {self.capacity} (--max_batch + --max_queue); retry later")
+        self.outstanding += count
+        self.runs.add(run)
+
+    def release(self, count: int) -> None:
+        """Give back `count` places in the bound (a sequence ended, or was never queued)."""
+        self.outstanding -= count
+
+    def forget(self, run) -> None:
+        """`run` no longer needs telling that the engine thread stopped."""
+        self.runs.discard(run)
 
 
 def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_docs: bool = False):
@@ -437,7 +253,6 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
             raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
                                 f"{media_type or 'no Content-Type'!r}")
         req = await asyncio.to_thread(_parse_body, server, await request.body())
-        server.admit(req)
         run = _Run(server, req, start, request)
         if req.stream:
             return StreamingResponse(stopping.stream(run), media_type="text/event-stream",
@@ -525,12 +340,8 @@ class _Stopping:
                     yield chunk
             step.cancel()  # run.sse() cancels the sequences and logs the request
             await asyncio.wait({step})
-            cut = [{"text": "", "index": c.index, "logprobs": None, "finish_reason": FINISH_SHUTDOWN}
-                   for c in run.choices if c.finish_reason is None]
-            last = {"id": run.id, "object": "text_completion", "created": run.created,
-                    "model": self.server.model_name, "choices": cut, **self.error().body()}
-            yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
+            yield run.answer.cut_chunk(FINISH_SHUTDOWN, self.error())
+            yield DONE
         finally:
             if step is not None:
                 step.cancel()
@@ -628,34 +439,32 @@ class _LimitBody:
 
 
 class _Run:
-    """One admitted request: its sequences on the engine, its choices, and how it is answered."""
+    """One admitted request: its sequences on the engine and its answer (a completions.Completion),
+    delivered whole or as a stream. It holds its places in the queue bound through the server's
+    admit/release calls: every sequence's finish event (sent on every way out: length, stop,
+    cancel, error) releases one."""
 
     def __init__(self, server: Server, req: CompletionRequest, start: float, request):
         self.server, self.req, self.start, self.request = server, req, start, request
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.answer = Completion(req, server.enc, server.model_name)
+        self.choices = self.answer.choices
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = loop = asyncio.get_running_loop()
-        enc = server.enc
-        n = req.n
-        self.choices = [Choice(p * n + i, TextStream(enc), req.stop) for p in range(len(req.prompts)) for i in range(n)]
         self.sequences = []
         self.first_token_at: float | None = None
         self.open = len(self.choices)
         self.error: APIError | None = None  # set when the engine failed this request
         self.finished = False
-        # Every sequence added holds its place in the bound until its finish event (_deliver),
-        # which the engine sends on every way out: length, stop, cancel, error.
+        n, count = req.n, len(self.choices)
+        server.admit(self, count)  # raises APIError (429) past the bound
         try:
             for p, prompt in enumerate(req.prompts):
                 sink = (lambda seq, out, p=p: server.post(loop, self._deliver, p * n + seq.index, seq, out))
-                group = server.engine.add(prompt, req.params, sink, n)
-                self.sequences += group
-                server.outstanding += len(group)
+                self.sequences += server.engine.add(prompt, req.params, sink, n)
         except ValueError as err:  # parse_completion checks all the engine checks: a bug if reached
+            server.release(count - len(self.sequences))  # the ones queued release theirs as they end
             self._close()
             raise APIError(500, f"the server could not queue this request: {err}") from err
-        server.runs.add(self)
         if server.engine_error is not None:  # it stopped after completion() checked: it may not have seen this run
             self.engine_stopped()
 
@@ -663,15 +472,15 @@ class _Run:
         """On the event loop: queue an engine event; a sequence's end frees its place in the bound
         whether or not anyone still reads the response."""
         if out.finish_reason is not None:
-            self.server.outstanding -= 1
+            self.server.release(1)
             if all(s.finished for s in self.sequences):  # also when no response ever read it (a stream never started)
-                self.server.runs.discard(self)
+                self.server.forget(self)
         self.queue.put_nowait((index, seq, out))
 
     def _close(self) -> None:
         if not self.finished:
             self.finished = True
-            self.server.runs.discard(self)
+            self.server.forget(self)
             unfinished = [s for s in self.sequences if not s.finished]
             if unfinished:
                 self.server.engine.cancel(unfinished)
@@ -709,46 +518,11 @@ class _Run:
                     self.open -= 1
                     yield choice, True
 
-    def _echo(self, choice: Choice) -> tuple[str, dict | None]:
-        """The prompt's text and logprobs for an echoed choice."""
-        prompt = self.req.prompts[choice.index // self.req.n]
-        if not self.req.shown[choice.index // self.req.n]:  # "": the <|endoftext|> it starts from is not its text
-            return "", None if self.req.params.logprobs is None else {
-                "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        text = self.server.enc.decode(prompt)
-        seq = self.sequences[choice.index]
-        lp = None
-        if self.req.params.logprobs is not None:
-            offsets, at = [], 0
-            for t in prompt:
-                offsets.append(at)
-                at += len(self.server.token_text(t))
-            entries = seq.prompt_logprobs or [None] * len(prompt)
-            lp = {"tokens": [self.server.token_text(t) for t in prompt],
-                  "token_logprobs": [e[0] if e else None for e in entries],
-                  "top_logprobs": [self._top(e[1]) if e else None for e in entries],
-                  "text_offset": offsets}
-        return text, lp
+    def _prompt_logprobs(self) -> list:
+        return [seq.prompt_logprobs for seq in self.sequences]
 
-    def _top(self, pairs) -> dict:
-        out = {}
-        for token, value in pairs:
-            out.setdefault(self.server.token_text(token), value)
-        return out
-
-    def _logprobs(self, choice: Choice, first: int, last: int, base: int) -> dict | None:
-        if self.req.params.logprobs is None:
-            return None
-        keep = [i for i in range(first, last) if choice.offsets[i] < len(choice.text) or i == first == last - 1]
-        return {"tokens": [self.server.token_text(choice.tokens[i]) for i in keep],
-                "token_logprobs": [choice.token_logprobs[i] for i in keep],
-                "top_logprobs": [self._top(choice.top_logprobs[i]) for i in keep],
-                "text_offset": [base + choice.offsets[i] for i in keep]}
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.req.prompts)
-        completion = sum(len(s.tokens) for s in self.sequences)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _completion_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
 
     async def _watch(self) -> None:
         """Cancel the request's sequences when its client goes away (non-streamed requests)."""
@@ -771,46 +545,14 @@ class _Run:
             self._log(status)
         if self.error is not None:
             raise self.error
-        choices = []
-        for choice in self.choices:
-            text, lp, base = "", None, 0
-            if self.req.echo:
-                text, lp = self._echo(choice)
-                base = len(text)
-            gen_lp = self._logprobs(choice, 0, len(choice.tokens), base)
-            if lp is not None and gen_lp is not None:
-                lp = {k: lp[k] + gen_lp[k] for k in lp}
-            choices.append({"text": text + choice.text, "index": choice.index, "logprobs": lp or gen_lp,
-                            "finish_reason": choice.finish_reason})
-        return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.server.model_name, "choices": choices, "usage": self.usage()}
-
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.server.model_name, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    def _piece(self, choice: Choice, finished: bool, sent_tokens: list[int]) -> str | None:
-        """The chunk carrying what `choice` has that is not sent yet (None: nothing to send)."""
-        piece = choice.ready()
-        if not piece and not finished:
-            return None
-        first, sent_tokens[choice.index] = sent_tokens[choice.index], len(choice.tokens)
-        lp = self._logprobs(choice, first, len(choice.tokens), len(choice.prefix))
-        return self._chunk([{"text": piece, "index": choice.index, "logprobs": lp,
-                             "finish_reason": choice.finish_reason if finished else None}])
+        return self.answer.body(self._prompt_logprobs(), self._completion_tokens())
 
     async def sse(self):
         status = "200 stream"
-        sent_tokens = [0] * len(self.choices)
         try:
             if self.req.echo:
-                for choice in self.choices:
-                    text, lp = self._echo(choice)
-                    choice.prefix = text
-                    yield self._chunk([{"text": text, "index": choice.index, "logprobs": lp, "finish_reason": None}])
+                for chunk in self.answer.echo_chunks(self._prompt_logprobs()):
+                    yield chunk
             # Events that have already arrived go out together, one chunk per choice: when the
             # server falls behind the engine, it sends fewer, longer chunks instead of lagging more.
             touched: dict[int, tuple[Choice, bool]] = {}
@@ -818,17 +560,17 @@ class _Run:
                 touched[choice.index] = (choice, finished or touched.get(choice.index, (None, False))[1])
                 if not self.queue.empty() and self.open:
                     continue
-                for chunk in filter(None, (self._piece(c, f, sent_tokens) for c, f in touched.values())):
+                for chunk in filter(None, (self.answer.piece(c, f) for c, f in touched.values())):
                     yield chunk
                 touched.clear()
             if self.error is not None:  # OpenAI's error shape as the last event before [DONE]
                 status = "500 stream (engine error)"
-                yield f"data: {json.dumps(self.error.body())}\n\n"
-                yield "data: [DONE]\n\n"
+                yield error_event(self.error)
+                yield DONE
                 return
             if self.req.include_usage:
-                yield self._chunk([], self.usage())
-            yield "data: [DONE]\n\n"
+                yield self.answer.chunk([], self.answer.usage(self._completion_tokens()))
+            yield DONE
         except BaseException:  # the client went away (or the server is stopping): free the slots
             status = "cancelled"
             raise
@@ -838,14 +580,15 @@ class _Run:
 
     def _log(self, status: str) -> None:
         end = time.perf_counter()
-        usage = self.usage()
+        usage = self.answer.usage(self._completion_tokens())
         ttft = f"{1000 * (self.first_token_at - self.start):.0f} ms" if self.first_token_at else "-"
         decode = end - (self.first_token_at or end)
         rate = (usage["completion_tokens"] - len(self.choices)) / decode if decode > 0 else float("nan")
         reasons = ",".join(sorted({c.finish_reason or "cancelled" for c in self.choices}))
-        self.server.log(f"POST /v1/completions {status} {self.id}: prompt_tokens={usage['prompt_tokens']} "
+        self.server.log(f"POST /v1/completions {status} {self.answer.id}: prompt_tokens={usage['prompt_tokens']} "
                         f"completion_tokens={usage['completion_tokens']} choices={len(self.choices)} ttft={ttft} "
                         f"decode={rate:.1f} tokens/s total={1000 * (end - self.start):.0f} ms finish={reasons}")
+
 
 
 # ---------------------------------------------------------------------- command line
