@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine import FINISH_LENGTH, Output
-from engine import SamplingError, SamplingParams
+from sampling import SamplingError, SamplingParams
 from tokenizer import EOT_TOKEN, TextStream
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)

@@ -30,7 +30,8 @@ import time
 
 
 import checkpoints
-from engine import Engine, SamplingError, SamplingParams
+from engine import Engine
+from sampling import SamplingError, SamplingParams
 from errors import OptionError, exit_status, read_user_text
 from model import GPT
 from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import decode_weights
 from decode_weights import Int8Linear, OneDNNLinear, SplitLinear, prepare
-from engine import Engine, SamplingParams
+from engine import Engine
+from sampling import SamplingParams
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=96)
