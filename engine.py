@@ -18,10 +18,10 @@ How a step works (`Engine.step`):
 Sampling is per row (temperature, top_k, top_p, a seed) and lives in sampling.py: a seeded
 request gives the same tokens whatever else is in the batch.
 
-Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
-(`weights`: float32 or bfloat16, each Linear through the kernel that timed fastest here for one
-row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's
-dtype, except that on a CPU the KV cache and attention stay in fp32. `python bench.py sample`
+Weights: the engine decodes with the model it is given, computing in its dtype, except that on
+a CPU the KV cache and attention stay in fp32. The caller lays the weights out for decoding
+first where it wants to (decode_weights.prepare: float32 or bfloat16, each Linear through the
+kernel that timed fastest here for one row and for max_batch rows, or int8 weight-only). `python bench.py sample`
 measures each against transformers and the memory-bandwidth bound.
 """
 
@@ -35,7 +35,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-import decode_weights
 from sampling import SamplingParams, _signed64, _top_logprobs, derive_seed, sample_rows, uniforms
 
 
@@ -134,11 +133,10 @@ class SlotCache:
 class Engine:
     """Continuous batching over a fixed number of cache slots.
 
-    model: a model.GPT (put in eval mode; not otherwise changed).
+    model: a model.GPT (put in eval mode; not otherwise changed), as it is or laid out for
+        decoding by the caller (decode_weights.prepare, or checkpoints.LoadedModel.for_decoding);
+        the engine computes in its dtype.
     max_batch: cache slots, i.e. sequences decoded together at most.
-    weights: None (decode with `model` as it is, in its dtype), or "float32", "bfloat16" or
-        "int8": decode with a copy laid out so (decode_weights.prepare; `weights_description`
-        says which kernel it chose).
     vocab_limit: sample only ids below it (a tokenizer with fewer tokens than a padded vocab).
     context_shift: let a sequence run past block_size by re-reading its last block_size tokens
         at every further step (the positions are absolute, so nothing cached can be kept); without
@@ -147,18 +145,13 @@ class Engine:
     Thread safety: `add` and `cancel` may be called from any thread; `step` (or `run`) from one.
     """
 
-    def __init__(self, model, max_batch: int = 8, weights: str | None = None,
-                 vocab_limit: int | None = None, context_shift: bool = False):
+    def __init__(self, model, max_batch: int = 8, vocab_limit: int | None = None, context_shift: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
         if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
             raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
-        model = model.eval()
-        self.weights_description = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
-        if weights is not None:
-            model, self.weights_description = decode_weights.prepare(model, weights, batch=max_batch)
-        self.model = model
+        self.model = model = model.eval()
         weight = model.transformer.wte.weight
         self.device = weight.device
         self.dtype = weight.dtype  # activations

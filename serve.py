@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import decode_weights
 from completions import DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, error_event, parse_completion
 from engine import FINISH_CANCELLED, FINISH_ERROR, Engine, Output
 from errors import ServeError, exit_status
@@ -87,6 +88,7 @@ PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
 
 class Server:
     """The model, its engine (stepped by a background thread), the tokenizer and the queue bound.
+    weights: None (decode with `model` as it is) or a layout for decode_weights.prepare, laid out here.
 
     A step that raises fails only its own requests (a 500) and the engine goes on. If the engine
     thread ends anyway, every open request fails, new ones and /health get 503, and
@@ -97,7 +99,10 @@ class Server:
                  api_key: str | None, log=None, on_engine_death=None):
         self.model_name, self.enc, self.api_key = model_name, enc, api_key
         self.config = model.config
-        self.engine = Engine(model, max_batch=max_batch, weights=weights,
+        self.weights = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
+        if weights is not None:  # laid out for decoding here, before the engine is built
+            model, self.weights = decode_weights.prepare(model, weights, batch=max_batch)
+        self.engine = Engine(model, max_batch=max_batch,
                              vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
         self.capacity = max_batch + max_queue  # sequences running or waiting
         self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
@@ -664,7 +669,7 @@ def run(args: argparse.Namespace) -> None:
                     on_engine_death=lambda: signal.raise_signal(signal.SIGTERM))
     cfg = model.config
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
-          f"{device}, {server.engine.weights_description}, {args.threads} thread(s), max_batch={args.max_batch}, "
+          f"{device}, {server.weights}, {args.threads} thread(s), max_batch={args.max_batch}, "
           f"max_queue={args.max_queue}"
           f"{', API key required' if args.api_key else ''}) on http://{args.host}:{port}", file=sys.stderr, flush=True)
     app = build_app(server, args.max_request_bytes, args.api_docs)
