@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+import devices
 from sampling import SamplingParams, _signed64, _top_logprobs, derive_seed, sample_rows, uniforms
 
 
@@ -83,48 +84,72 @@ class Sequence:
 
 class SlotCache:
     """Keys and values of `slots` sequences for every layer: k and v (n_layer, slots, nh,
-    block_size, hs), in `dtype`. A slot holds one sequence; the engine tells the cache what the
-    next forward pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls
-    `update`."""
+    block_size, hs), in `dtype`. A slot holds one sequence. A forward pass is handed what it
+    needs, a `PrefillPass` or a `DecodePass` over this cache; its attention layers call their
+    `update` (see model.CausalSelfAttention.forward)."""
 
     def __init__(self, config, slots: int, device, dtype):
         shape = (config.n_layer, slots, config.n_head, config.block_size, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._slot = self._T = self._B = self._span = 0
-        self._rows = torch.arange(slots, device=device)
-        self._positions = self._mask = None
-        self._mode = None
-
-    def begin_prefill(self, slot: int, T: int) -> None:
-        """The next pass is one sequence (1, T) at positions 0..T-1, written into `slot`."""
-        self._mode, self._slot, self._T = "prefill", slot, T
-
-    def begin_decode(self, B: int, positions: torch.Tensor, span: int, mask: torch.Tensor) -> None:
-        """The next pass is one token for each of slots 0..B-1, slot b's at positions[b] (B,);
-        every row attends over keys 0..span-1 where mask (B, 1, 1, span) is True."""
-        self._mode, self._B, self._span, self._mask, self._positions = "decode", B, span, mask, positions
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over,
-        in the cache's dtype."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        if self._mode == "prefill":
-            self.k[layer, self._slot, :, : self._T] = k[0]
-            self.v[layer, self._slot, :, : self._T] = v[0]
-            return k, v, None  # causal attention within the prompt
-        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
-        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
-        rows = self._rows[: self._B]
-        self.k[layer][rows, :, self._positions] = k[:, :, 0]  # (B, nh, hs)
-        self.v[layer][rows, :, self._positions] = v[:, :, 0]
-        keys, values = self.k[layer, : self._B], self.v[layer, : self._B]  # views (B, nh, block_size, hs)
-        return keys[:, :, : self._span], values[:, :, : self._span], self._mask
+        self.rows = torch.arange(slots, device=device)
+        self.positions = torch.arange(config.block_size, device=device)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (every layer)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+@dataclass
+class PrefillPass:
+    """One sequence (1, T) at positions 0..T-1, its keys and values written into `slot`."""
+
+    cache: SlotCache
+    slot: int
+    T: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (1, nh, T, hs); attend over them causally (mask None), in the cache's dtype."""
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        self.cache.k[layer, self.slot, :, : self.T] = k[0]
+        self.cache.v[layer, self.slot, :, : self.T] = v[0]
+        return k, v, None
+
+
+class DecodePass:
+    """One token for each of slots 0..B-1, slot b's at positions[b] (B,); every row attends over
+    keys 0..span-1 of its own slot, up to and including its position (a (B, 1, 1, span) mask)."""
+
+    def __init__(self, cache: SlotCache, positions: torch.Tensor, span: int):
+        B = positions.size(0)
+        self.cache, self.positions, self.span, self.rows = cache, positions, span, cache.rows[:B]
+        self.mask = (cache.positions[:span].unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, span)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values k, v (B, nh, 1, hs) at each row's position; return (keys,
+        values, mask) to attend over, views of the cache in its dtype."""
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
+        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
+        self.cache.k[layer][self.rows, :, self.positions] = k[:, :, 0]  # (B, nh, hs)
+        self.cache.v[layer][self.rows, :, self.positions] = v[:, :, 0]
+        B, span = self.rows.size(0), self.span
+        keys, values = self.cache.k[layer, :B], self.cache.v[layer, :B]  # views (B, nh, block_size, hs)
+        return keys[:, :, :span], values[:, :, :span], self.mask
+
+
+def prefill(model, cache: SlotCache, slot: int, tokens: list[int]) -> torch.Tensor:
+    """Run `tokens` (at positions 0..T-1) through the model into `slot`; their hidden states (T, C)."""
+    idx = torch.tensor([tokens], dtype=torch.long, device=cache.k.device)
+    return model.hidden_states(idx, PrefillPass(cache, slot, len(tokens)))[0]
+
+
+def decode_one_token(model, cache: SlotCache, inputs: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+    """One token per row of slots 0..B-1: inputs (B,) at positions (B,), each row attending over
+    its own keys (span: the largest position + 1, known to the caller without reading the
+    device). The hidden states (B, C)."""
+    return model.hidden_states(inputs.unsqueeze(1), DecodePass(cache, positions, span), positions.unsqueeze(1))[:, 0]
 
 
 # ------------------------------------------------------------------------ the engine
@@ -157,7 +182,7 @@ class Engine:
         self.dtype = weight.dtype  # activations
         # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
         # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
-        cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        cache_dtype = torch.float32 if devices.is_cpu(self.device) else self.dtype
         self.block_size = cfg.block_size
         self.vocab_limit = vocab_limit
         self.context_shift = context_shift
@@ -174,7 +199,6 @@ class Engine:
         self.filtered = torch.zeros(S, dtype=torch.bool, device=dev)
         self.seeds = torch.zeros(S, dtype=torch.long, device=dev)
         self.counters = torch.zeros(S, dtype=torch.long, device=dev)  # tokens drawn so far
-        self._positions = torch.arange(self.block_size, device=dev)
         self._waiting: deque[list[Sequence]] = deque()
         self._cancelled: set[Sequence] = set()
         self._admitting: list[Sequence] = []  # the group being prefilled
@@ -372,9 +396,7 @@ class Engine:
     def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
         """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
         position (1, V), or of every position (T, V) with all_rows."""
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        self.cache.begin_prefill(slot, len(tokens))
-        h = self.model.hidden_states(idx, self.cache)[0]  # (T, C)
+        h = prefill(self.model, self.cache, slot, tokens)  # (T, C)
         return self._logits(h if all_rows else h[-1:])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -382,16 +404,15 @@ class Engine:
 
     def _decode(self) -> None:
         B, L = len(self.rows), self.block_size
-        lengths = self.lengths[:B]
+        # Each row's cached tokens, known on the host (the prompt and every token drawn but the one
+        # it feeds now): the span and the rows at the context limit need no read of the device.
+        cached = [min(len(s.prompt) + len(s.tokens) - 1, L) for s in self.rows]
+        lengths = self.lengths[:B]  # the same numbers, on the device
         positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
-        span = int(positions.max()) + 1
-        mask = (self._positions[:span].unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, span)
-        self.cache.begin_decode(B, positions, span, mask)
-        h = self.model.hidden_states(self.inputs[:B].unsqueeze(1), self.cache, positions.unsqueeze(1))  # (B, 1, C)
-        logits = self._logits(h[:, 0])  # (B, V)
-        full = (lengths == L).nonzero().squeeze(1).tolist() if span == L else []
+        h = decode_one_token(self.model, self.cache, self.inputs[:B], positions, span=min(max(cached), L - 1) + 1)
+        logits = self._logits(h)  # (B, V)
         lengths.add_(1).clamp_(max=L)
-        for r in full:  # context shift: the newest block_size tokens, from position 0 again
+        for r in (r for r, n in enumerate(cached) if n == L):  # context shift: the newest block_size tokens
             seq = self.rows[r]
             logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
         self._draw(0, B, logits)
