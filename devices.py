@@ -111,6 +111,12 @@ class Bf16Speed:
         return f"bf16 {self.ratio:.2f}x fp32 on this {device.type}{where}"
 
 
+def is_cpu(device: torch.device) -> bool:
+    """Whether `device` is the CPU, where the decoding engine works around slow kernels (a chunked
+    argmax, an fp32 KV cache) that CUDA does not need."""
+    return device.type == "cpu"
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether the hardware has bf16 instructions: CUDA with bf16 support, or a CPU with AMX or
     AVX512-BF16. Elsewhere, e.g. an AVX2-only CPU, bf16 is emulated and much slower than fp32.
