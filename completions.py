@@ -3,6 +3,11 @@ generated (stop strings, held-back partial stops), and the response shapes (whol
 event chunks, echo, logprobs, usage, OpenAI's error body). Pure objects over token ids and a
 tokenizer: no socket, no engine, no event loop; serve.py runs them.
 
+A body's fields: prompt (a string, a list of strings, token ids, or a list of token-id lists),
+max_tokens (default 16), temperature, top_p, top_k (an extension), n, stop (up to 4 strings),
+seed, stream (server-sent events ending `data: [DONE]`), stream_options.include_usage, logprobs
+(0-5 alternatives per token), echo, model (the served one); user is ignored.
+
     req = parse_completion({"prompt": "ROMEO:", "max_tokens": 8}, enc, block_size=1024, vocab_size=50257)
     answer = Completion(req, enc, "small")  # one Choice per prompt x n
     answer.choices[0].add(output)  # an engine.Output; True when a stop string ends the choice
@@ -61,6 +66,27 @@ class CompletionRequest:
     stream: bool
     echo: bool
     include_usage: bool
+
+
+def read_json(raw: bytes):
+    """A request body parsed as JSON. Raises APIError (400) for anything unparsable."""
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+
+
+def check_model(body, served: str) -> None:
+    """The body's 'model', where it names one, must be the `served` one. Raises APIError (400 for
+    a non-string, 404 model_not_found for another model)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"'model' must be a string, got {json.dumps(model)[:80]}", "model")
+    if model is not None and model != served:
+        raise APIError(404, f"The model '{model}' does not exist (this server serves '{served}')",
+                       "model", "model_not_found")
 
 
 def _check_type(body: dict, name: str, kinds: tuple, what: str, default=None):

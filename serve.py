@@ -7,11 +7,7 @@
 --checkpoint takes what sample.py takes (a run's out_dir, a checkpoint, a GPT-2 directory) and
 is loaded by the same helper. Endpoints:
 
-  POST /v1/completions   OpenAI's completions API: prompt (a string, a list of strings, token
-                         ids, or a list of token-id lists), max_tokens (default 16), temperature,
-                         top_p, top_k (an extension), n, stop (up to 4 strings), seed, stream
-                         (server-sent events ending `data: [DONE]`), stream_options.include_usage,
-                         logprobs (0-5 alternatives per token), echo; user is ignored.
+  POST /v1/completions   OpenAI's completions API (the fields it takes: completions.py)
   GET  /v1/models        the one model served (named after the checkpoint, or --model_name)
   GET  /health           {"status": "ok", "running": ..., "waiting": ...}; 503 once the engine thread
                          has stopped (a request the engine fails on is a 500; the engine goes on)
@@ -31,7 +27,7 @@ step. SIGTERM (or Ctrl-C) stops accepting connections and lets running requests 
 --shutdown_timeout seconds; then each open stream gets a final chunk (finish_reason 'shutdown' and
 an error object) and `data: [DONE]`, other requests a 503, and the server exits 0. One line per
 request goes to stderr: tokens in and out, time to first token, tokens/s, finish reasons. FastAPI's
-/docs, /redoc and /openapi.json are off unless --api_docs.
+/docs, /redoc and /openapi.json are off unless --api_docs (and need the API key where there is one).
 """
 
 from __future__ import annotations
@@ -43,7 +39,6 @@ import contextlib
 import gc
 import hashlib
 import hmac
-import json
 import os
 import re
 import signal
@@ -59,7 +54,8 @@ import torch
 
 import checkpoints
 import decode_weights
-from completions import DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, error_event, parse_completion
+from completions import (DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, check_model, error_event,
+                         parse_completion, read_json)
 from engine import FINISH_CANCELLED, FINISH_ERROR, Engine, Output
 from errors import ServeError, exit_status
 from tokenizer import gpt2_tokenizer
@@ -68,6 +64,7 @@ try:  # the optional `serve` extra; run() says how to install it when it is miss
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:
     _MISSING_EXTRA: ImportError | None = err
@@ -162,12 +159,7 @@ class Server:
         (a large prompt takes a while). Raises APIError."""
         if self.engine_error is not None:
             raise APIError(503, "the server's engine has stopped (see its log); the server is shutting down")
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and not isinstance(model, str):
-            raise APIError(400, f"'model' must be a string, got {json.dumps(model)[:80]}", "model")
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
-                           "model", "model_not_found")
+        check_model(body, self.model_name)
         req = parse_completion(body, self.enc, self.config.block_size, min(self.config.vocab_size, self.enc.n_vocab))
         count = len(req.prompts) * req.n
         if count > self.capacity:
@@ -212,8 +204,7 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Pure ASGI middleware; the last added runs first: the key is checked before a body is read.
     app.add_middleware(_LimitBody, limit=max_request_bytes)
     if server.api_key is not None:
-        app.add_middleware(_RequireKey, key=server.api_key,
-                           open_paths=frozenset({"/", *(docs.values() if api_docs else ())}))
+        app.add_middleware(_RequireKey, key=server.api_key, open_paths=frozenset({"/"}))  # the docs need it too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -226,9 +217,8 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
                    405: f"{request.url.path} does not accept {request.method}"}.get(err.status_code, str(err.detail))
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=err.headers)
 
-    block_size = server.config.block_size
-    page = (server.playground.replace("{{block_size}}", str(block_size))
-            .replace("{{max_tokens}}", str(min(64, max(1, block_size // 2)))))  # room for the prompt
+    block_size = server.config.block_size  # max_tokens leaves room for the prompt
+    page = server.playground.replace("{{block_size}}", str(block_size)).replace("{{max_tokens}}", str(min(64, max(1, block_size // 2))))
     playground_headers = {"X-Frame-Options": "DENY", "Content-Security-Policy": _playground_policy(page)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -261,7 +251,8 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
         run = _Run(server, req, start, request)
         if req.stream:
             return StreamingResponse(stopping.stream(run), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(run.abandon))  # run however the response ended
         return JSONResponse(await stopping.whole(run))
 
     return app
@@ -271,12 +262,7 @@ def _parse_body(server: Server, raw: bytes) -> CompletionRequest:
     """A /v1/completions body as a checked request; run on a worker thread, as parsing and
     tokenizing a large body takes a while. Raises APIError (400 for anything unparsable)."""
     with _collector_paused():
-        try:
-            body = json.loads(raw)
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-            raise APIError(400, f"the request body is not valid JSON ({err})") from None
-        except RecursionError:
-            raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+        body = read_json(raw)
         try:
             return server.completion(body)
         except RecursionError:
@@ -321,6 +307,7 @@ class _Stopping:
             async with self._watch() as ended:
                 await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done():
+                run.ended_by = "503 (server shutting down)"  # what run.whole() logs
                 answer.cancel()  # run.whole() cancels the sequences and logs the request
                 await asyncio.wait({answer})
                 raise self.error()
@@ -460,6 +447,7 @@ class _Run:
         self.open = len(self.choices)
         self.error: APIError | None = None  # set when the engine failed this request
         self.finished = False
+        self.ended_by, self.logged = "cancelled (client gone)", False  # what an unfinished request logs, and whether it has
         n, count = req.n, len(self.choices)
         server.admit(self, count)  # raises APIError (429) past the bound
         try:
@@ -545,7 +533,7 @@ class _Run:
                 pass
         finally:
             watcher.cancel()
-            status = "200" if not self.open else "500 (engine error)" if self.error else "cancelled (client gone)"
+            status = "200" if not self.open else "500 (engine error)" if self.error else self.ended_by
             self._close()
             self._log(status)
         if self.error is not None:
@@ -583,7 +571,16 @@ class _Run:
             self._close()
             self._log(status)
 
+    def abandon(self) -> None:
+        """The response is over, however it ended: if `sse` never ran (the client went away before
+        the first byte, and Starlette cancelled the body before it started), cancel the sequences
+        and log the request here."""
+        if not self.logged:
+            self._close()
+            self._log("cancelled (client gone before the first byte)")
+
     def _log(self, status: str) -> None:
+        self.logged = True
         end = time.perf_counter()
         usage = self.answer.usage(self._completion_tokens())
         ttft = f"{1000 * (self.first_token_at - self.start):.0f} ms" if self.first_token_at else "-"
@@ -626,20 +623,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api_docs", action="store_true",
                    help="serve FastAPI's /docs, /redoc and /openapi.json (default: off)")
     args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_batch < 1:
-        p.error(f"--max_batch must be >= 1, got {args.max_batch}")
-    if args.max_queue < 0:
-        p.error(f"--max_queue must be >= 0, got {args.max_queue}")
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    if args.api_key is not None and not args.api_key:
-        p.error("--api_key is empty")
-    if args.max_request_bytes < 1:
-        p.error(f"--max_request_bytes must be >= 1, got {args.max_request_bytes}")
-    if args.shutdown_timeout < 0:
-        p.error(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
+    for ok, rule in ((0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}"),
+                     (args.max_batch >= 1, f"--max_batch must be >= 1, got {args.max_batch}"),
+                     (args.max_queue >= 0, f"--max_queue must be >= 0, got {args.max_queue}"),
+                     (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+                     (args.api_key is None or args.api_key, "--api_key is empty"),
+                     (args.max_request_bytes >= 1, f"--max_request_bytes must be >= 1, got {args.max_request_bytes}"),
+                     (args.shutdown_timeout >= 0, f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")):
+        if not ok:
+            p.error(rule)
     return args
 
 
