@@ -155,6 +155,150 @@ def decode_one_token(model, cache: SlotCache, inputs: torch.Tensor, positions: t
 # ------------------------------------------------------------------------ the engine
 
 
+def _check_request(prompt: list[int], params: SamplingParams, n: int, block_size: int, vocab: int,
+                   context_shift: bool) -> SamplingParams:
+    """Engine.add's checks (see there); returns params with a top_k that keeps every token dropped."""
+    T = len(prompt)
+    if not 1 <= T <= block_size:
+        raise ValueError(f"the prompt must hold 1 to {block_size} tokens, got {T}")
+    if not context_shift and T + params.max_tokens > block_size:
+        raise ValueError(f"prompt ({T} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                         f"(block_size {block_size})")
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ValueError(f"prompt token id {next(t for t in prompt if not 0 <= t < vocab)} is outside "
+                         f"the vocabulary (vocab_size={vocab})")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if params.top_k is not None and params.top_k >= vocab:  # keeps every token: the same as no top_k
+        params = dataclasses.replace(params, top_k=None)
+    return params
+
+
+class Batch:
+    """The running sequences: rows 0..B-1 of the cache's slots (`rows`), each row's sampling
+    state on the device, and the passes that advance them (prefill, one decode step, the draw).
+    Used by Engine, on the thread that steps it."""
+
+    def __init__(self, model, max_batch: int, vocab_limit: int | None):
+        self.model, self.vocab_limit, self.block_size = model, vocab_limit, model.config.block_size
+        weight = model.transformer.wte.weight
+        self.device, self.dtype = weight.device, weight.dtype  # activations
+        # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
+        # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
+        cache_dtype = torch.float32 if devices.is_cpu(self.device) else self.dtype
+        self.cache = SlotCache(model.config, max_batch, self.device, cache_dtype)
+        S, dev = max_batch, self.device
+        self.rows: list[Sequence] = []
+        self.inputs = torch.zeros(S, dtype=torch.long, device=dev)  # the token each row feeds next
+        self.lengths = torch.zeros(S, dtype=torch.long, device=dev)  # tokens in the row's cache
+        self.temperature = torch.ones(S, device=dev)
+        self.top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(S, device=dev)
+        self.filtered = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.seeds = torch.zeros(S, dtype=torch.long, device=dev)
+        self.counters = torch.zeros(S, dtype=torch.long, device=dev)  # tokens drawn so far
+
+    def _set_row(self, r: int, seq: Sequence, length: int) -> None:
+        p = seq.params
+        self.lengths[r] = length
+        self.temperature[r] = p.temperature
+        self.top_k[r] = p.top_k or 0
+        self.top_p[r] = p.top_p if p.top_p is not None and p.top_p < 1 else 2.0  # 2: never drops a token
+        self.filtered[r] = p.filtered
+        self.seeds[r] = seq.seed
+        self.counters[r] = len(seq.tokens)
+
+    def prefill(self, group: list[Sequence]) -> None:
+        """Run the group's shared prompt into the next free slot, copy it to one slot per further
+        choice, and draw every choice's first token."""
+        prompt = group[0].prompt
+        T, r = len(prompt), len(self.rows)
+        logits = self._forward_prompt(r, prompt, all_rows=group[0].params.prompt_logprobs)  # (T or 1, V)
+        for j, seq in enumerate(group):
+            if j:
+                self.cache.copy_slot(r, r + j, T)
+            self.rows.append(seq)
+            self._set_row(r + j, seq, T)
+        if group[0].params.prompt_logprobs:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            values, tops = _top_logprobs(logprobs, torch.tensor(prompt[1:], device=self.device),
+                                         group[0].params.logprobs)
+            prompt_lp = [None] + list(zip(values, tops))
+            for seq in group:
+                seq.prompt_logprobs = prompt_lp
+        self._draw(r, r + len(group), logits[-1:].expand(len(group), -1))
+
+    def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
+        """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
+        position (1, V), or of every position (T, V) with all_rows."""
+        h = prefill(self.model, self.cache, slot, tokens)  # (T, C)
+        return self._logits(h if all_rows else h[-1:])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()[:, : self.vocab_limit]  # a prefix: an index is still the id
+
+    def decode(self) -> None:
+        B, L = len(self.rows), self.block_size
+        # Each row's cached tokens, known on the host (the prompt and every token drawn but the one
+        # it feeds now): the span and the rows at the context limit need no read of the device.
+        cached = [min(len(s.prompt) + len(s.tokens) - 1, L) for s in self.rows]
+        lengths = self.lengths[:B]  # the same numbers, on the device
+        positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
+        h = decode_one_token(self.model, self.cache, self.inputs[:B], positions, span=min(max(cached), L - 1) + 1)
+        logits = self._logits(h)  # (B, V)
+        lengths.add_(1).clamp_(max=L)
+        for r in (r for r, n in enumerate(cached) if n == L):  # context shift: the newest block_size tokens
+            seq = self.rows[r]
+            logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
+        self._draw(0, B, logits)
+
+    def _draw(self, start: int, end: int, logits: torch.Tensor) -> None:
+        """Sample a token for rows start..end-1 from logits (end - start, V), hand each to its
+        sequence, and release the rows that finished."""
+        rows = slice(start, end)
+        seqs = self.rows[start:end]
+        any_sampled = any(s.params.temperature > 0 for s in seqs)
+        any_filtered = any(s.params.filtered for s in seqs)
+        u = uniforms(self.seeds[rows], self.counters[rows]) if any_sampled else None
+        tokens = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                             self.filtered[rows], u, any_sampled, any_filtered)
+        self.inputs[rows] = tokens
+        self.counters[rows] += 1
+        want = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        values = tops = None
+        if want is not None:
+            values, tops = _top_logprobs(torch.log_softmax(logits, dim=-1), tokens, want)
+        done = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            p = seq.params
+            if token in p.stop_token_ids:
+                done.append((start + i, FINISH_STOP))
+                continue
+            seq.tokens.append(token)
+            out = Output(token)
+            if p.logprobs is not None:
+                out.logprob, out.top_logprobs = values[i], tops[i][: p.logprobs]
+            seq.sink(seq, out)
+            if len(seq.tokens) >= p.max_tokens:
+                done.append((start + i, FINISH_LENGTH))
+        for r, reason in reversed(done):
+            seq = self.rows[r]
+            self.release(r)
+            _finish(seq, reason)
+
+    def release(self, r: int) -> None:
+        """Free row r: the last running row moves into it, so rows stay 0..B-1."""
+        last = len(self.rows) - 1
+        if r != last:
+            length = int(self.lengths[last])
+            self.cache.copy_slot(last, r, length)
+            for t in (self.inputs, self.lengths, self.temperature, self.top_k, self.top_p, self.filtered,
+                      self.seeds, self.counters):
+                t[r] = t[last]
+            self.rows[r] = self.rows[last]
+        self.rows.pop()
+
+
 class Engine:
     """Continuous batching over a fixed number of cache slots.
 
@@ -176,36 +320,20 @@ class Engine:
         cfg = model.config
         if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
             raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
-        self.model = model = model.eval()
-        weight = model.transformer.wte.weight
-        self.device = weight.device
-        self.dtype = weight.dtype  # activations
-        # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
-        # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
-        cache_dtype = torch.float32 if devices.is_cpu(self.device) else self.dtype
-        self.block_size = cfg.block_size
-        self.vocab_limit = vocab_limit
-        self.context_shift = context_shift
-        self.max_batch = max_batch
-        self.cache = SlotCache(cfg, max_batch, self.device, cache_dtype)
-        S, dev = max_batch, self.device
-        # Per-slot state; rows 0..B-1 are the running sequences.
-        self.rows: list[Sequence] = []
-        self.inputs = torch.zeros(S, dtype=torch.long, device=dev)  # the token each row feeds next
-        self.lengths = torch.zeros(S, dtype=torch.long, device=dev)  # tokens in the row's cache
-        self.temperature = torch.ones(S, device=dev)
-        self.top_k = torch.zeros(S, dtype=torch.long, device=dev)
-        self.top_p = torch.ones(S, device=dev)
-        self.filtered = torch.zeros(S, dtype=torch.bool, device=dev)
-        self.seeds = torch.zeros(S, dtype=torch.long, device=dev)
-        self.counters = torch.zeros(S, dtype=torch.long, device=dev)  # tokens drawn so far
+        self.model = model.eval()
+        self.batch = Batch(self.model, max_batch, vocab_limit)
+        self.device, self.dtype, self.cache = self.batch.device, self.batch.dtype, self.batch.cache
+        self.block_size, self.max_batch = cfg.block_size, max_batch
+        self.vocab_limit, self.context_shift = vocab_limit, context_shift
         self._waiting: deque[list[Sequence]] = deque()
         self._cancelled: set[Sequence] = set()
         self._admitting: list[Sequence] = []  # the group being prefilled
         self._cond = threading.Condition()
         self._seed_source = torch.Generator().manual_seed(torch.initial_seed())
 
-    # ---------------------------------------------------------------- requests
+    @property
+    def rows(self) -> list[Sequence]:  # the running sequences, row by row
+        return self.batch.rows
 
     def add(self, prompt: list[int], params: SamplingParams, sink: Callable[[Sequence, Output], None],
             n: int = 1) -> list[Sequence]:
@@ -215,20 +343,8 @@ class Engine:
         prefill each time, copied to the others). Returns the n Sequences (for `cancel`).
         Raises ValueError for an empty or too long prompt, an id outside the vocabulary, or n < 1.
         """
-        T = len(prompt)
-        if not 1 <= T <= self.block_size:
-            raise ValueError(f"the prompt must hold 1 to {self.block_size} tokens, got {T}")
-        if not self.context_shift and T + params.max_tokens > self.block_size:
-            raise ValueError(f"prompt ({T} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                             f"(block_size {self.block_size})")
-        vocab = self.vocab_limit or self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token id {next(t for t in prompt if not 0 <= t < vocab)} is outside "
-                             f"the vocabulary (vocab_size={vocab})")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if params.top_k is not None and params.top_k >= vocab:  # keeps every token: the same as no top_k
-            params = dataclasses.replace(params, top_k=None)
+        params = _check_request(prompt, params, n, self.block_size, self.vocab_limit or self.model.config.vocab_size,
+                                self.context_shift)
         if params.seed is None:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=self._seed_source))
         else:
@@ -254,8 +370,6 @@ class Engine:
     def num_waiting(self) -> int:
         """Requests (not choices) queued and not yet prefilled."""
         return len(self._waiting)
-
-    # -------------------------------------------------------------------- steps
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -303,35 +417,13 @@ class Engine:
                  ) -> list[list[int]]:
         """Generate for every prompt (n choices each) on this thread; returns the tokens of each
         choice, prompt by prompt, choice by choice (stop tokens not included)."""
-        results: dict[tuple[int, int], list[int]] = {}
-        for i, _, out in self.stream(prompts, params, n):
-            if out.token is not None:
-                results.setdefault(i, []).append(out.token)
-        return [results.get((p, c), []) for p in range(len(prompts)) for c in range(n)]
+        return generate(self, prompts, params, n)
 
     def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
                ) -> Iterator[tuple[tuple[int, int], Sequence, Output]]:
         """Generate on this thread, yielding ((prompt index, choice), sequence, Output) as they
         come. Closing the iterator early cancels what is unfinished."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        events: deque[tuple[Sequence, Output]] = deque()
-        groups = [self.add(prompt, prm, lambda seq, out: events.append((seq, out)), n)
-                  for prompt, prm in zip(prompts, params_list, strict=True)]
-        where = {id(s): (p, s.index) for p, g in enumerate(groups) for s in g}
-        pending = len(where)
-        try:
-            while pending:
-                more = self.step()
-                while events:
-                    seq, out = events.popleft()
-                    pending -= out.finish_reason is not None
-                    yield where[id(seq)], seq, out
-                if pending and not more:
-                    raise RuntimeError("the engine went idle with sequences unfinished")  # internal invariant
-        finally:
-            if pending:
-                self.cancel([s for g in groups for s in g if not s.finished])
-                self.step()
+        return stream(self, prompts, params, n)
 
     # ------------------------------------------------------------------ internals
 
@@ -340,8 +432,8 @@ class Engine:
             if seq.finished:
                 continue
             if seq in self.rows:
-                self._release(self.rows.index(seq))
-            self._finish(seq, FINISH_CANCELLED)
+                self.batch.release(self.rows.index(seq))
+            _finish(seq, FINISH_CANCELLED)
 
     def _admit(self) -> None:
         while True:
@@ -352,117 +444,55 @@ class Engine:
             group = [s for s in group if not s.finished]
             if group:
                 self._admitting = group  # for _fail_step: some may not be in self.rows yet
-                self._prefill(group)
+                self.batch.prefill(group)
                 self._admitting = []
+
+    def _decode(self) -> None:
+        self.batch.decode()
 
     def _fail_step(self) -> None:
         """End every sequence of a step that raised with FINISH_ERROR and free every slot."""
         failed = self.rows + [s for s in self._admitting if s not in self.rows]
-        self.rows, self._admitting = [], []
+        self.batch.rows[:], self._admitting = [], []
         for seq in failed:
             if not seq.finished:
-                self._finish(seq, FINISH_ERROR)
+                _finish(seq, FINISH_ERROR)
 
-    def _set_row(self, r: int, seq: Sequence, length: int) -> None:
-        p = seq.params
-        self.lengths[r] = length
-        self.temperature[r] = p.temperature
-        self.top_k[r] = p.top_k or 0
-        self.top_p[r] = p.top_p if p.top_p is not None and p.top_p < 1 else 2.0  # 2: never drops a token
-        self.filtered[r] = p.filtered
-        self.seeds[r] = seq.seed
-        self.counters[r] = len(seq.tokens)
 
-    def _prefill(self, group: list[Sequence]) -> None:
-        """Run the group's shared prompt into the next free slot, copy it to one slot per further
-        choice, and draw every choice's first token."""
-        prompt = group[0].prompt
-        T, r = len(prompt), len(self.rows)
-        logits = self._forward_prompt(r, prompt, all_rows=group[0].params.prompt_logprobs)  # (T or 1, V)
-        for j, seq in enumerate(group):
-            if j:
-                self.cache.copy_slot(r, r + j, T)
-            self.rows.append(seq)
-            self._set_row(r + j, seq, T)
-        if group[0].params.prompt_logprobs:
-            logprobs = torch.log_softmax(logits[:-1], dim=-1)
-            values, tops = _top_logprobs(logprobs, torch.tensor(prompt[1:], device=self.device),
-                                         group[0].params.logprobs)
-            prompt_lp = [None] + list(zip(values, tops))
-            for seq in group:
-                seq.prompt_logprobs = prompt_lp
-        self._draw(r, r + len(group), logits[-1:].expand(len(group), -1))
+def _finish(seq: Sequence, reason: str) -> None:
+    seq.finish_reason = reason
+    seq.sink(seq, Output(None, finish_reason=reason))
 
-    def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
-        """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
-        position (1, V), or of every position (T, V) with all_rows."""
-        h = prefill(self.model, self.cache, slot, tokens)  # (T, C)
-        return self._logits(h if all_rows else h[-1:])
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h).float()[:, : self.vocab_limit]  # a prefix: an index is still the id
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+             ) -> list[list[int]]:
+    """Engine.generate."""
+    results: dict[tuple[int, int], list[int]] = {}
+    for i, _, out in stream(engine, prompts, params, n):
+        if out.token is not None:
+            results.setdefault(i, []).append(out.token)
+    return [results.get((p, c), []) for p in range(len(prompts)) for c in range(n)]
 
-    def _decode(self) -> None:
-        B, L = len(self.rows), self.block_size
-        # Each row's cached tokens, known on the host (the prompt and every token drawn but the one
-        # it feeds now): the span and the rows at the context limit need no read of the device.
-        cached = [min(len(s.prompt) + len(s.tokens) - 1, L) for s in self.rows]
-        lengths = self.lengths[:B]  # the same numbers, on the device
-        positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
-        h = decode_one_token(self.model, self.cache, self.inputs[:B], positions, span=min(max(cached), L - 1) + 1)
-        logits = self._logits(h)  # (B, V)
-        lengths.add_(1).clamp_(max=L)
-        for r in (r for r, n in enumerate(cached) if n == L):  # context shift: the newest block_size tokens
-            seq = self.rows[r]
-            logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
-        self._draw(0, B, logits)
 
-    def _draw(self, start: int, end: int, logits: torch.Tensor) -> None:
-        """Sample a token for rows start..end-1 from logits (end - start, V), hand each to its
-        sequence, and release the rows that finished."""
-        rows = slice(start, end)
-        seqs = self.rows[start:end]
-        any_sampled = any(s.params.temperature > 0 for s in seqs)
-        any_filtered = any(s.params.filtered for s in seqs)
-        u = uniforms(self.seeds[rows], self.counters[rows]) if any_sampled else None
-        tokens = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                             self.filtered[rows], u, any_sampled, any_filtered)
-        self.inputs[rows] = tokens
-        self.counters[rows] += 1
-        want = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
-        values = tops = None
-        if want is not None:
-            values, tops = _top_logprobs(torch.log_softmax(logits, dim=-1), tokens, want)
-        done = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            p = seq.params
-            if token in p.stop_token_ids:
-                done.append((start + i, FINISH_STOP))
-                continue
-            seq.tokens.append(token)
-            out = Output(token)
-            if p.logprobs is not None:
-                out.logprob, out.top_logprobs = values[i], tops[i][: p.logprobs]
-            seq.sink(seq, out)
-            if len(seq.tokens) >= p.max_tokens:
-                done.append((start + i, FINISH_LENGTH))
-        for r, reason in reversed(done):
-            seq = self.rows[r]
-            self._release(r)
-            self._finish(seq, reason)
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        seq.sink(seq, Output(None, finish_reason=reason))
-
-    def _release(self, r: int) -> None:
-        """Free row r: the last running row moves into it, so rows stay 0..B-1."""
-        last = len(self.rows) - 1
-        if r != last:
-            length = int(self.lengths[last])
-            self.cache.copy_slot(last, r, length)
-            for t in (self.inputs, self.lengths, self.temperature, self.top_k, self.top_p, self.filtered,
-                      self.seeds, self.counters):
-                t[r] = t[last]
-            self.rows[r] = self.rows[last]
-        self.rows.pop()
+def stream(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+           ) -> Iterator[tuple[tuple[int, int], Sequence, Output]]:
+    """Engine.stream."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    events: deque[tuple[Sequence, Output]] = deque()
+    groups = [engine.add(prompt, prm, lambda seq, out: events.append((seq, out)), n)
+              for prompt, prm in zip(prompts, params_list, strict=True)]
+    where = {id(s): (p, s.index) for p, g in enumerate(groups) for s in g}
+    pending = len(where)
+    try:
+        while pending:
+            more = engine.step()
+            while events:
+                seq, out = events.popleft()
+                pending -= out.finish_reason is not None
+                yield where[id(seq)], seq, out
+            if pending and not more:
+                raise RuntimeError("the engine went idle with sequences unfinished")  # internal invariant
+    finally:
+        if pending:
+            engine.cancel([s for g in groups for s in g if not s.finished])
+            engine.step()
