@@ -361,6 +361,11 @@ class LoadedModel:
     weights: str  # how a decoding engine lays out the weights: "float32", "bfloat16" or "int8" (decode_weights.py)
     tf32: str | None = None  # devices.allow_tf32's phrase where fp32 matmuls may use TF32 (CUDA)
 
+    def for_decoding(self, max_batch: int) -> tuple["GPT", str]:
+        """A copy of the model with its weights laid out for a decoding engine of up to `max_batch`
+        rows (decode_weights.prepare with `weights`), and which kernels it uses, for a log line."""
+        return decode_weights.prepare(self.model, self.weights, batch=max_batch)
+
     def describe(self) -> str:
         """One line for stderr: where the model came from, its shape, device and dtype."""
         cfg = self.model.config

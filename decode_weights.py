@@ -39,7 +39,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 WEIGHTS = ("float32", "bfloat16", "int8")
 LINEAR_KERNELS = ("auto", "torch", "onednn", "split")  # prepare's `kernel`

@@ -426,9 +426,16 @@ def exact_fp32():
 
 
 def chunked_argmax(device: torch.device) -> bool:
-    """Whether decoding takes the greedy token with engine.argmax_rows' chunked search instead of
+    """Whether decoding takes the greedy token with sampling.argmax_rows' chunked search instead of
     torch's argmax: on the CPU only, where torch's argmax does not vectorise. A GPU's argmax is
     one parallel reduction already, and the chunked search would add kernels to every step."""
+    return device.type == "cpu"
+
+
+def fp32_kv_cache(device: torch.device) -> bool:
+    """Whether the decoding engine keeps its KV cache (and so attention) in fp32 whatever the
+    weights' dtype: on the CPU, where torch's bf16 attention made bf16 weights decode no faster
+    than fp32 (docs/internals.md, "Decoding weights"); elsewhere the cache takes the weights' dtype."""
     return device.type == "cpu"
 
 

@@ -1,7 +1,7 @@
 """The decoding engine: KV-cache slots, prefill, the batched decode step, per-sequence sampling
 settings and continuous batching. It takes and yields token ids: no tokenizer, no HTTP.
 
-    engine = Engine(model, max_batch=8)
+    engine = Engine(model, max_batch=8)  # from sampling import SamplingParams
     outputs = engine.generate([[50256, 464], [464]], SamplingParams(max_tokens=20, temperature=0))
 
 How a step works (`Engine.step`):
@@ -15,23 +15,19 @@ How a step works (`Engine.step`):
      into the freed slot, so the running rows are always slots 0..B-1 and the decode step works
      on views of the cache, never on gathered copies.
 
-Sampling is per row: temperature (0 = greedy), top_k, top_p and a seed. A row's random number
-for its i-th token is a hash of (its seed, i) (splitmix64, computed for all rows at once), and
-the token is found by inverse-CDF over its probabilities, so a seeded request gives the same
-tokens whatever else is in the batch. Rows with top-k/top-p sample in sorted order, rows
-without in vocabulary order: which one depends only on the row's own settings.
+Sampling is per row (temperature, top_k, top_p, a seed) and lives in sampling.py: a seeded
+request gives the same tokens whatever else is in the batch.
 
-Weights: the engine decodes with the model as it is, or with a copy laid out for decoding
-(`weights`: float32 or bfloat16, each Linear through the kernel that timed fastest here for one
-row and for max_batch rows, or int8 weight-only; decode_weights.py), computing in that copy's
-dtype, except that on a CPU the KV cache and attention stay in fp32. `python bench.py sample`
+Weights: the engine decodes with the model it is given, computing in its dtype, except that on
+a CPU the KV cache and attention stay in fp32. The caller lays the weights out for decoding
+first where it wants to (decode_weights.prepare: float32 or bfloat16, each Linear through the
+kernel that timed fastest here for one row and for max_batch rows, or int8 weight-only). `python bench.py sample`
 measures each against transformers and the memory-bandwidth bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -39,74 +35,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-import decode_weights
+import devices
+from sampling import SamplingParams, _signed64, _top_logprobs, derive_seed, sample_rows, uniforms
 
-MAX_LOGPROBS = 20  # alternatives per token a request may ask for
 
 FINISH_STOP = "stop"  # drew one of its stop tokens (not part of the output)
 FINISH_LENGTH = "length"  # reached max_tokens
 FINISH_CANCELLED = "cancelled"  # Engine.cancel
 FINISH_ERROR = "error"  # the step it was in raised (see Engine.step)
-
-
-class SamplingError(ValueError):
-    """A sampling setting outside its range. `setting` is its SamplingParams field name; the
-    message starts with it ("top_p must be in (0, 1] ...")."""
-
-    def __init__(self, setting: str, rule: str):
-        super().__init__(f"{setting} {rule}")
-        self.setting, self.rule = setting, rule
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence is generated.
-
-    max_tokens: tokens to generate at most (>= 1).
-    temperature: 0 picks the most likely token (greedy); else logits / temperature.
-    top_k: sample among the k most likely tokens (None, or k at or past the vocabulary: all).
-    top_p: sample among the most likely tokens holding top_p of the probability (None or 1: all);
-        applied after top_k.
-    seed: the same seed gives the same tokens (None: a random one). A 64-bit integer, signed or
-        unsigned: in [-2**63, 2**64), a negative seed being the same as seed + 2**64.
-    stop_token_ids: tokens that end the sequence; the stop token is not part of the output.
-    logprobs: None, or N >= 0: with every token, its log-probability under the model (before
-        temperature and filtering) and the N most likely alternatives.
-    prompt_logprobs: also give the prompt's tokens' log-probabilities (and N alternatives).
-    Raises SamplingError (a ValueError) naming a setting outside its range; these checks are the
-    only ones: sample.py and serve.py pass on what they raise.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: int | None = None
-    prompt_logprobs: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SamplingError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
-            raise SamplingError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise SamplingError("top_k", f"must be an integer >= 1, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not -(2**63) <= self.seed < 2**64):
-            raise SamplingError("seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if self.prompt_logprobs and self.logprobs is None:
-            raise SamplingError("prompt_logprobs", "needs logprobs (how many alternatives per token)")
-
-    @property
-    def filtered(self) -> bool:
-        """Whether this row samples in sorted order (top-k or top-p on)."""
-        return self.temperature > 0 and (self.top_k is not None or (self.top_p is not None and self.top_p < 1))
 
 
 @dataclass
@@ -148,43 +84,16 @@ class Sequence:
 
 class SlotCache:
     """Keys and values of `slots` sequences for every layer: k and v (n_layer, slots, nh,
-    block_size, hs), in `dtype`. A slot holds one sequence; the engine tells the cache what the
-    next forward pass writes (`begin_prefill`, `begin_decode`), and each attention layer calls
-    `update`."""
+    block_size, hs), in `dtype`. A slot holds one sequence. A forward pass is handed what it
+    needs, a `PrefillPass` or a `DecodePass` over this cache; its attention layers call their
+    `update` (see model.CausalSelfAttention.forward)."""
 
     def __init__(self, config, slots: int, device, dtype):
         shape = (config.n_layer, slots, config.n_head, config.block_size, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._slot = self._T = self._B = self._span = 0
-        self._rows = torch.arange(slots, device=device)
-        self._positions = self._mask = None
-        self._mode = None
-
-    def begin_prefill(self, slot: int, T: int) -> None:
-        """The next pass is one sequence (1, T) at positions 0..T-1, written into `slot`."""
-        self._mode, self._slot, self._T = "prefill", slot, T
-
-    def begin_decode(self, B: int, positions: torch.Tensor, span: int, mask: torch.Tensor) -> None:
-        """The next pass is one token for each of slots 0..B-1, slot b's at positions[b] (B,);
-        every row attends over keys 0..span-1 where mask (B, 1, 1, span) is True."""
-        self._mode, self._B, self._span, self._mask, self._positions = "decode", B, span, mask, positions
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values k, v (B, nh, T, hs); return (keys, values, mask) to attend over,
-        in the cache's dtype."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        if self._mode == "prefill":
-            self.k[layer, self._slot, :, : self._T] = k[0]
-            self.v[layer, self._slot, :, : self._T] = v[0]
-            return k, v, None  # causal attention within the prompt
-        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
-        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
-        rows = self._rows[: self._B]
-        self.k[layer][rows, :, self._positions] = k[:, :, 0]  # (B, nh, hs)
-        self.v[layer][rows, :, self._positions] = v[:, :, 0]
-        keys, values = self.k[layer, : self._B], self.v[layer, : self._B]  # views (B, nh, block_size, hs)
-        return keys[:, :, : self._span], values[:, :, : self._span], self._mask
+        self.rows = torch.arange(slots, device=device)
+        self.positions = torch.arange(config.block_size, device=device)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (every layer)."""
@@ -192,163 +101,93 @@ class SlotCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-# ---------------------------------------------------------------------- sampling
+@dataclass
+class PrefillPass:
+    """One sequence (1, T) at positions 0..T-1, its keys and values written into `slot`."""
 
-_U64 = 1 << 64
+    cache: SlotCache
+    slot: int
+    T: int
 
-
-def _signed64(x: int) -> int:
-    x %= _U64
-    return x - _U64 if x >= 1 << 63 else x
-
-
-_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's >> is arithmetic)."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (1, nh, T, hs); attend over them causally (mask None), in the cache's dtype."""
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        self.cache.k[layer, self.slot, :, : self.T] = k[0]
+        self.cache.v[layer, self.slot, :, : self.T] = v[0]
+        return k, v, None
 
 
-def uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One number in [0, 1) per row from (seed, counter), both int64 (B,): splitmix64's output
-    for state seed + (counter + 1) * golden ratio (Steele et al. 2014). Pure integer arithmetic
-    (wrapping int64 multiplies), so a row's number depends on nothing but its own two values."""
-    z = seeds + (counters + 1) * _GOLDEN
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    z = z ^ _srl(z, 31)
-    return _srl(z, 11).to(torch.float64) * 2.0**-53
+class DecodePass:
+    """One token for each of slots 0..B-1, slot b's at positions[b] (B,); every row attends over
+    keys 0..span-1 of its own slot, up to and including its position (a (B, 1, 1, span) mask)."""
+
+    def __init__(self, cache: SlotCache, positions: torch.Tensor, span: int):
+        B = positions.size(0)
+        self.cache, self.positions, self.span, self.rows = cache, positions, span, cache.rows[:B]
+        self.mask = (cache.positions[:span].unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, span)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values k, v (B, nh, 1, hs) at each row's position; return (keys,
+        values, mask) to attend over, views of the cache in its dtype."""
+        k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
+        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
+        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
+        self.cache.k[layer][self.rows, :, self.positions] = k[:, :, 0]  # (B, nh, hs)
+        self.cache.v[layer][self.rows, :, self.positions] = v[:, :, 0]
+        B, span = self.rows.size(0), self.span
+        keys, values = self.cache.k[layer, :B], self.cache.v[layer, :B]  # views (B, nh, block_size, hs)
+        return keys[:, :, :span], values[:, :, :span], self.mask
 
 
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a request seeded with `seed` (a signed 64-bit int)."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) % _U64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % _U64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % _U64
-    return _signed64(z ^ (z >> 31))
+def prefill(model, cache: SlotCache, slot: int, tokens: list[int]) -> torch.Tensor:
+    """Run `tokens` (at positions 0..T-1) through the model into `slot`; their hidden states (T, C)."""
+    idx = torch.tensor([tokens], dtype=torch.long, device=cache.k.device)
+    return model.hidden_states(idx, PrefillPass(cache, slot, len(tokens)))[0]
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first index whose cumulative probability exceeds u (B,) times the total;
-    zero-probability entries are never chosen. probs (B, V) -> (B,) int64."""
-    cdf = probs.cumsum(dim=-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
-
-
-ARGMAX_CHUNK = 256  # argmax_rows' chunk: 128-1,024 timed within noise of each other (Zen 4)
-
-
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Per row of logits (B, V) the index of the largest value, the first of equal ones (NaN
-    counting as largest), exactly as logits.argmax(-1). torch's CPU argmax does not vectorise: 0.66
-    ms for 16 rows of 50,257 on one Zen 4 thread, where their max (amax) takes 37 us. So: each
-    chunk's max, the first chunk holding the row's max, the argmax within that chunk (0.10 ms in
-    all), and the columns past the last whole chunk compared on their own."""
-    B, V = logits.shape
-    n = V // ARGMAX_CHUNK
-    if n < 2:
-        return logits.argmax(dim=-1)
-    chunked = logits[:, : n * ARGMAX_CHUNK].reshape(B, n, ARGMAX_CHUNK)  # (B, n, chunk)
-    chunk_max = chunked.amax(dim=-1)  # (B, n)
-    best = chunk_max.argmax(dim=-1)  # (B,) the first chunk holding the max
-    rows = torch.arange(B, device=logits.device)
-    index = best * ARGMAX_CHUNK + chunked[rows, best].argmax(dim=-1)
-    if n * ARGMAX_CHUNK < V:
-        tail = logits[:, n * ARGMAX_CHUNK:]  # (B, V mod chunk)
-        tail_index = tail.argmax(dim=-1)
-        tail_max, head_max = tail[rows, tail_index], chunk_max[rows, best]
-        later_wins = (tail_max > head_max) | (tail_max.isnan() & ~head_max.isnan())
-        index = torch.where(later_wins, n * ARGMAX_CHUNK + tail_index, index)
-    return index
-
-
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                filtered: torch.Tensor, u: torch.Tensor, any_sampled: bool = True,
-                any_filtered: bool = True) -> torch.Tensor:
-    """One token per row of logits (B, V), each row with its own settings.
-
-    temperature (B,): 0 = greedy (argmax). top_k (B,) int64, 0 = off. top_p (B,), > 1 = off.
-    filtered (B,) bool: the row samples in sorted order with top-k then top-p applied (a token is
-    dropped when the tokens ranked above it already hold top_p of the mass; the most likely
-    always stays); other rows sample in vocabulary order. u (B,) float64 in [0, 1): the row's
-    random number. any_sampled / any_filtered: whether some row samples / is filtered (False
-    skips that work). Returns (B,) int64.
-    """
-    greedy = argmax_rows(logits)
-    if not any_sampled:
-        return greedy
-    scaled = logits / temperature.clamp(min=1e-6).unsqueeze(1).to(logits.dtype)  # (B, V)
-    tokens = _inverse_cdf(torch.softmax(scaled, dim=-1), u)
-    if any_filtered:
-        rows = filtered.nonzero().squeeze(1)
-        sorted_logits, order = torch.sort(scaled[rows], dim=-1, descending=True)  # (R, V)
-        rank = torch.arange(sorted_logits.size(-1), device=logits.device)
-        k = top_k[rows]
-        sorted_logits.masked_fill_((k > 0).unsqueeze(1) & (rank >= k.unsqueeze(1)), float("-inf"))
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p[rows].unsqueeze(1).to(probs.dtype)
-        drop[:, 0] = False  # the most likely token stays, even where rounding leaves its prefix sum above 0
-        probs = probs.masked_fill(drop, 0.0)
-        picked = order.gather(1, _inverse_cdf(probs, u[rows]).unsqueeze(1)).squeeze(1)
-        tokens = tokens.index_put((rows,), picked)
-    return torch.where(temperature == 0, greedy, tokens)
-
-
-def _top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int):
-    """Per row of log-probabilities (R, V): the chosen token's value and the n best (token, value)."""
-    values = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-    if n == 0:
-        return values, [[] for _ in values]
-    top = torch.topk(logprobs, n, dim=-1)
-    return values, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+def decode_one_token(model, cache: SlotCache, inputs: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+    """One token per row of slots 0..B-1: inputs (B,) at positions (B,), each row attending over
+    its own keys (span: the largest position + 1, known to the caller without reading the
+    device). The hidden states (B, C)."""
+    return model.hidden_states(inputs.unsqueeze(1), DecodePass(cache, positions, span), positions.unsqueeze(1))[:, 0]
 
 
 # ------------------------------------------------------------------------ the engine
 
 
-class Engine:
-    """Continuous batching over a fixed number of cache slots.
+def _check_request(prompt: list[int], params: SamplingParams, n: int, block_size: int, vocab: int,
+                   context_shift: bool) -> SamplingParams:
+    """Engine.add's checks (see there); returns params with a top_k that keeps every token dropped."""
+    T = len(prompt)
+    if not 1 <= T <= block_size:
+        raise ValueError(f"the prompt must hold 1 to {block_size} tokens, got {T}")
+    if not context_shift and T + params.max_tokens > block_size:
+        raise ValueError(f"prompt ({T} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                         f"(block_size {block_size})")
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ValueError(f"prompt token id {next(t for t in prompt if not 0 <= t < vocab)} is outside "
+                         f"the vocabulary (vocab_size={vocab})")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if params.top_k is not None and params.top_k >= vocab:  # keeps every token: the same as no top_k
+        params = dataclasses.replace(params, top_k=None)
+    return params
 
-    model: a model.GPT (put in eval mode; not otherwise changed).
-    max_batch: cache slots, i.e. sequences decoded together at most.
-    weights: None (decode with `model` as it is, in its dtype), or "float32", "bfloat16" or
-        "int8": decode with a copy laid out so (decode_weights.prepare; `weights_description`
-        says which kernel it chose).
-    vocab_limit: sample only ids below it (a tokenizer with fewer tokens than a padded vocab).
-    context_shift: let a sequence run past block_size by re-reading its last block_size tokens
-        at every further step (the positions are absolute, so nothing cached can be kept); without
-        it `add` refuses a prompt + max_tokens longer than block_size.
 
-    Thread safety: `add` and `cancel` may be called from any thread; `step` (or `run`) from one.
-    """
+class Batch:
+    """The running sequences: rows 0..B-1 of the cache's slots (`rows`), each row's sampling
+    state on the device, and the passes that advance them (prefill, one decode step, the draw).
+    Used by Engine, on the thread that steps it."""
 
-    def __init__(self, model, max_batch: int = 8, weights: str | None = None,
-                 vocab_limit: int | None = None, context_shift: bool = False):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        cfg = model.config
-        if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
-            raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
-        model = model.eval()
-        self.weights_description = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
-        if weights is not None:
-            model, self.weights_description = decode_weights.prepare(model, weights, batch=max_batch)
-        self.model = model
+    def __init__(self, model, max_batch: int, vocab_limit: int | None):
+        self.model, self.vocab_limit, self.block_size = model, vocab_limit, model.config.block_size
         weight = model.transformer.wte.weight
-        self.device = weight.device
-        self.dtype = weight.dtype  # activations
+        self.device, self.dtype = weight.device, weight.dtype  # activations
         # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
         # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
-        cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.block_size = cfg.block_size
-        self.vocab_limit = vocab_limit
-        self.context_shift = context_shift
-        self.max_batch = max_batch
-        self.cache = SlotCache(cfg, max_batch, self.device, cache_dtype)
+        cache_dtype = torch.float32 if devices.fp32_kv_cache(self.device) else self.dtype
+        self.cache = SlotCache(model.config, max_batch, self.device, cache_dtype)
         S, dev = max_batch, self.device
-        # Per-slot state; rows 0..B-1 are the running sequences.
         self.rows: list[Sequence] = []
         self.inputs = torch.zeros(S, dtype=torch.long, device=dev)  # the token each row feeds next
         self.lengths = torch.zeros(S, dtype=torch.long, device=dev)  # tokens in the row's cache
@@ -358,14 +197,143 @@ class Engine:
         self.filtered = torch.zeros(S, dtype=torch.bool, device=dev)
         self.seeds = torch.zeros(S, dtype=torch.long, device=dev)
         self.counters = torch.zeros(S, dtype=torch.long, device=dev)  # tokens drawn so far
-        self._positions = torch.arange(self.block_size, device=dev)
+
+    def _set_row(self, r: int, seq: Sequence, length: int) -> None:
+        p = seq.params
+        self.lengths[r] = length
+        self.temperature[r] = p.temperature
+        self.top_k[r] = p.top_k or 0
+        self.top_p[r] = p.top_p if p.top_p is not None and p.top_p < 1 else 2.0  # 2: never drops a token
+        self.filtered[r] = p.filtered
+        self.seeds[r] = seq.seed
+        self.counters[r] = len(seq.tokens)
+
+    def prefill(self, group: list[Sequence]) -> None:
+        """Run the group's shared prompt into the next free slot, copy it to one slot per further
+        choice, and draw every choice's first token."""
+        prompt = group[0].prompt
+        T, r = len(prompt), len(self.rows)
+        logits = self._forward_prompt(r, prompt, all_rows=group[0].params.prompt_logprobs)  # (T or 1, V)
+        for j, seq in enumerate(group):
+            if j:
+                self.cache.copy_slot(r, r + j, T)
+            self.rows.append(seq)
+            self._set_row(r + j, seq, T)
+        if group[0].params.prompt_logprobs:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            values, tops = _top_logprobs(logprobs, torch.tensor(prompt[1:], device=self.device),
+                                         group[0].params.logprobs)
+            prompt_lp = [None] + list(zip(values, tops))
+            for seq in group:
+                seq.prompt_logprobs = prompt_lp
+        self._draw(r, r + len(group), logits[-1:].expand(len(group), -1))
+
+    def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
+        """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
+        position (1, V), or of every position (T, V) with all_rows."""
+        h = prefill(self.model, self.cache, slot, tokens)  # (T, C)
+        return self._logits(h if all_rows else h[-1:])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()[:, : self.vocab_limit]  # a prefix: an index is still the id
+
+    def decode(self) -> None:
+        B, L = len(self.rows), self.block_size
+        # Each row's cached tokens, known on the host (the prompt and every token drawn but the one
+        # it feeds now): the span and the rows at the context limit need no read of the device.
+        cached = [min(len(s.prompt) + len(s.tokens) - 1, L) for s in self.rows]
+        lengths = self.lengths[:B]  # the same numbers, on the device
+        positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
+        h = decode_one_token(self.model, self.cache, self.inputs[:B], positions, span=min(max(cached), L - 1) + 1)
+        logits = self._logits(h)  # (B, V)
+        lengths.add_(1).clamp_(max=L)
+        for r in (r for r, n in enumerate(cached) if n == L):  # context shift: the newest block_size tokens
+            seq = self.rows[r]
+            logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
+        self._draw(0, B, logits)
+
+    def _draw(self, start: int, end: int, logits: torch.Tensor) -> None:
+        """Sample a token for rows start..end-1 from logits (end - start, V), hand each to its
+        sequence, and release the rows that finished."""
+        rows = slice(start, end)
+        seqs = self.rows[start:end]
+        any_sampled = any(s.params.temperature > 0 for s in seqs)
+        any_filtered = any(s.params.filtered for s in seqs)
+        u = uniforms(self.seeds[rows], self.counters[rows]) if any_sampled else None
+        tokens = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                             self.filtered[rows], u, any_sampled, any_filtered)
+        self.inputs[rows] = tokens
+        self.counters[rows] += 1
+        want = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        values = tops = None
+        if want is not None:
+            values, tops = _top_logprobs(torch.log_softmax(logits, dim=-1), tokens, want)
+        done = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            p = seq.params
+            if token in p.stop_token_ids:
+                done.append((start + i, FINISH_STOP))
+                continue
+            seq.tokens.append(token)
+            out = Output(token)
+            if p.logprobs is not None:
+                out.logprob, out.top_logprobs = values[i], tops[i][: p.logprobs]
+            seq.sink(seq, out)
+            if len(seq.tokens) >= p.max_tokens:
+                done.append((start + i, FINISH_LENGTH))
+        for r, reason in reversed(done):
+            seq = self.rows[r]
+            self.release(r)
+            _finish(seq, reason)
+
+    def release(self, r: int) -> None:
+        """Free row r: the last running row moves into it, so rows stay 0..B-1."""
+        last = len(self.rows) - 1
+        if r != last:
+            length = int(self.lengths[last])
+            self.cache.copy_slot(last, r, length)
+            for t in (self.inputs, self.lengths, self.temperature, self.top_k, self.top_p, self.filtered,
+                      self.seeds, self.counters):
+                t[r] = t[last]
+            self.rows[r] = self.rows[last]
+        self.rows.pop()
+
+
+class Engine:
+    """Continuous batching over a fixed number of cache slots.
+
+    model: a model.GPT (put in eval mode; not otherwise changed), as it is or laid out for
+        decoding by the caller (decode_weights.prepare, or checkpoints.LoadedModel.for_decoding);
+        the engine computes in its dtype.
+    max_batch: cache slots, i.e. sequences decoded together at most.
+    vocab_limit: sample only ids below it (a tokenizer with fewer tokens than a padded vocab).
+    context_shift: let a sequence run past block_size by re-reading its last block_size tokens
+        at every further step (the positions are absolute, so nothing cached can be kept); without
+        it `add` refuses a prompt + max_tokens longer than block_size.
+
+    Thread safety: `add` and `cancel` may be called from any thread; `step` (or `run`) from one.
+    """
+
+    def __init__(self, model, max_batch: int = 8, vocab_limit: int | None = None, context_shift: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.config
+        if vocab_limit is not None and not 1 <= vocab_limit <= cfg.vocab_size:
+            raise ValueError(f"vocab_limit must be in [1, {cfg.vocab_size}] or None, got {vocab_limit}")
+        self.model = model.eval()
+        self.batch = Batch(self.model, max_batch, vocab_limit)
+        self.device, self.dtype, self.cache = self.batch.device, self.batch.dtype, self.batch.cache
+        self.block_size, self.max_batch = cfg.block_size, max_batch
+        self.vocab_limit, self.context_shift = vocab_limit, context_shift
         self._waiting: deque[list[Sequence]] = deque()
         self._cancelled: set[Sequence] = set()
         self._admitting: list[Sequence] = []  # the group being prefilled
         self._cond = threading.Condition()
         self._seed_source = torch.Generator().manual_seed(torch.initial_seed())
 
-    # ---------------------------------------------------------------- requests
+    @property
+    def rows(self) -> list[Sequence]:  # the running sequences, row by row
+        return self.batch.rows
 
     def add(self, prompt: list[int], params: SamplingParams, sink: Callable[[Sequence, Output], None],
             n: int = 1) -> list[Sequence]:
@@ -375,20 +343,8 @@ class Engine:
         prefill each time, copied to the others). Returns the n Sequences (for `cancel`).
         Raises ValueError for an empty or too long prompt, an id outside the vocabulary, or n < 1.
         """
-        T = len(prompt)
-        if not 1 <= T <= self.block_size:
-            raise ValueError(f"the prompt must hold 1 to {self.block_size} tokens, got {T}")
-        if not self.context_shift and T + params.max_tokens > self.block_size:
-            raise ValueError(f"prompt ({T} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                             f"(block_size {self.block_size})")
-        vocab = self.vocab_limit or self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token id {next(t for t in prompt if not 0 <= t < vocab)} is outside "
-                             f"the vocabulary (vocab_size={vocab})")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if params.top_k is not None and params.top_k >= vocab:  # keeps every token: the same as no top_k
-            params = dataclasses.replace(params, top_k=None)
+        params = _check_request(prompt, params, n, self.block_size, self.vocab_limit or self.model.config.vocab_size,
+                                self.context_shift)
         if params.seed is None:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=self._seed_source))
         else:
@@ -414,8 +370,6 @@ class Engine:
     def num_waiting(self) -> int:
         """Requests (not choices) queued and not yet prefilled."""
         return len(self._waiting)
-
-    # -------------------------------------------------------------------- steps
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -463,35 +417,13 @@ class Engine:
                  ) -> list[list[int]]:
         """Generate for every prompt (n choices each) on this thread; returns the tokens of each
         choice, prompt by prompt, choice by choice (stop tokens not included)."""
-        results: dict[tuple[int, int], list[int]] = {}
-        for i, _, out in self.stream(prompts, params, n):
-            if out.token is not None:
-                results.setdefault(i, []).append(out.token)
-        return [results.get((p, c), []) for p in range(len(prompts)) for c in range(n)]
+        return generate(self, prompts, params, n)
 
     def stream(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
                ) -> Iterator[tuple[tuple[int, int], Sequence, Output]]:
         """Generate on this thread, yielding ((prompt index, choice), sequence, Output) as they
         come. Closing the iterator early cancels what is unfinished."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        events: deque[tuple[Sequence, Output]] = deque()
-        groups = [self.add(prompt, prm, lambda seq, out: events.append((seq, out)), n)
-                  for prompt, prm in zip(prompts, params_list, strict=True)]
-        where = {id(s): (p, s.index) for p, g in enumerate(groups) for s in g}
-        pending = len(where)
-        try:
-            while pending:
-                more = self.step()
-                while events:
-                    seq, out = events.popleft()
-                    pending -= out.finish_reason is not None
-                    yield where[id(seq)], seq, out
-                if pending and not more:
-                    raise RuntimeError("the engine went idle with sequences unfinished")  # internal invariant
-        finally:
-            if pending:
-                self.cancel([s for g in groups for s in g if not s.finished])
-                self.step()
+        return stream(self, prompts, params, n)
 
     # ------------------------------------------------------------------ internals
 
@@ -500,8 +432,8 @@ class Engine:
             if seq.finished:
                 continue
             if seq in self.rows:
-                self._release(self.rows.index(seq))
-            self._finish(seq, FINISH_CANCELLED)
+                self.batch.release(self.rows.index(seq))
+            _finish(seq, FINISH_CANCELLED)
 
     def _admit(self) -> None:
         while True:
@@ -512,120 +444,55 @@ class Engine:
             group = [s for s in group if not s.finished]
             if group:
                 self._admitting = group  # for _fail_step: some may not be in self.rows yet
-                self._prefill(group)
+                self.batch.prefill(group)
                 self._admitting = []
+
+    def _decode(self) -> None:
+        self.batch.decode()
 
     def _fail_step(self) -> None:
         """End every sequence of a step that raised with FINISH_ERROR and free every slot."""
         failed = self.rows + [s for s in self._admitting if s not in self.rows]
-        self.rows, self._admitting = [], []
+        self.batch.rows[:], self._admitting = [], []
         for seq in failed:
             if not seq.finished:
-                self._finish(seq, FINISH_ERROR)
+                _finish(seq, FINISH_ERROR)
 
-    def _set_row(self, r: int, seq: Sequence, length: int) -> None:
-        p = seq.params
-        self.lengths[r] = length
-        self.temperature[r] = p.temperature
-        self.top_k[r] = p.top_k or 0
-        self.top_p[r] = p.top_p if p.top_p is not None and p.top_p < 1 else 2.0  # 2: never drops a token
-        self.filtered[r] = p.filtered
-        self.seeds[r] = seq.seed
-        self.counters[r] = len(seq.tokens)
 
-    def _prefill(self, group: list[Sequence]) -> None:
-        """Run the group's shared prompt into the next free slot, copy it to one slot per further
-        choice, and draw every choice's first token."""
-        prompt = group[0].prompt
-        T, r = len(prompt), len(self.rows)
-        logits = self._forward_prompt(r, prompt, all_rows=group[0].params.prompt_logprobs)  # (T or 1, V)
-        for j, seq in enumerate(group):
-            if j:
-                self.cache.copy_slot(r, r + j, T)
-            self.rows.append(seq)
-            self._set_row(r + j, seq, T)
-        if group[0].params.prompt_logprobs:
-            logprobs = torch.log_softmax(logits[:-1], dim=-1)
-            values, tops = _top_logprobs(logprobs, torch.tensor(prompt[1:], device=self.device),
-                                         group[0].params.logprobs)
-            prompt_lp = [None] + list(zip(values, tops))
-            for seq in group:
-                seq.prompt_logprobs = prompt_lp
-        self._draw(r, r + len(group), logits[-1:].expand(len(group), -1))
+def _finish(seq: Sequence, reason: str) -> None:
+    seq.finish_reason = reason
+    seq.sink(seq, Output(None, finish_reason=reason))
 
-    def _forward_prompt(self, slot: int, tokens: list[int], all_rows: bool) -> torch.Tensor:
-        """Prefill `tokens` (at positions 0..T-1) into `slot`; the fp32 logits of the last
-        position (1, V), or of every position (T, V) with all_rows."""
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        self.cache.begin_prefill(slot, len(tokens))
-        h = self.model.hidden_states(idx, self.cache)[0]  # (T, C)
-        return self._logits(h if all_rows else h[-1:])
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h).float()[:, : self.vocab_limit]  # a prefix: an index is still the id
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+             ) -> list[list[int]]:
+    """Engine.generate."""
+    results: dict[tuple[int, int], list[int]] = {}
+    for i, _, out in stream(engine, prompts, params, n):
+        if out.token is not None:
+            results.setdefault(i, []).append(out.token)
+    return [results.get((p, c), []) for p in range(len(prompts)) for c in range(n)]
 
-    def _decode(self) -> None:
-        B, L = len(self.rows), self.block_size
-        lengths = self.lengths[:B]
-        positions = lengths.clamp(max=L - 1)  # a row at the context limit is re-read below instead
-        span = int(positions.max()) + 1
-        mask = (self._positions[:span].unsqueeze(0) <= positions.unsqueeze(1)).view(B, 1, 1, span)
-        self.cache.begin_decode(B, positions, span, mask)
-        h = self.model.hidden_states(self.inputs[:B].unsqueeze(1), self.cache, positions.unsqueeze(1))  # (B, 1, C)
-        logits = self._logits(h[:, 0])  # (B, V)
-        full = (lengths == L).nonzero().squeeze(1).tolist() if span == L else []
-        lengths.add_(1).clamp_(max=L)
-        for r in full:  # context shift: the newest block_size tokens, from position 0 again
-            seq = self.rows[r]
-            logits[r] = self._forward_prompt(r, (seq.prompt + seq.tokens)[-L:], all_rows=False)[0]
-        self._draw(0, B, logits)
 
-    def _draw(self, start: int, end: int, logits: torch.Tensor) -> None:
-        """Sample a token for rows start..end-1 from logits (end - start, V), hand each to its
-        sequence, and release the rows that finished."""
-        rows = slice(start, end)
-        seqs = self.rows[start:end]
-        any_sampled = any(s.params.temperature > 0 for s in seqs)
-        any_filtered = any(s.params.filtered for s in seqs)
-        u = uniforms(self.seeds[rows], self.counters[rows]) if any_sampled else None
-        tokens = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                             self.filtered[rows], u, any_sampled, any_filtered)
-        self.inputs[rows] = tokens
-        self.counters[rows] += 1
-        want = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
-        values = tops = None
-        if want is not None:
-            values, tops = _top_logprobs(torch.log_softmax(logits, dim=-1), tokens, want)
-        done = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            p = seq.params
-            if token in p.stop_token_ids:
-                done.append((start + i, FINISH_STOP))
-                continue
-            seq.tokens.append(token)
-            out = Output(token)
-            if p.logprobs is not None:
-                out.logprob, out.top_logprobs = values[i], tops[i][: p.logprobs]
-            seq.sink(seq, out)
-            if len(seq.tokens) >= p.max_tokens:
-                done.append((start + i, FINISH_LENGTH))
-        for r, reason in reversed(done):
-            seq = self.rows[r]
-            self._release(r)
-            self._finish(seq, reason)
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        seq.sink(seq, Output(None, finish_reason=reason))
-
-    def _release(self, r: int) -> None:
-        """Free row r: the last running row moves into it, so rows stay 0..B-1."""
-        last = len(self.rows) - 1
-        if r != last:
-            length = int(self.lengths[last])
-            self.cache.copy_slot(last, r, length)
-            for t in (self.inputs, self.lengths, self.temperature, self.top_k, self.top_p, self.filtered,
-                      self.seeds, self.counters):
-                t[r] = t[last]
-            self.rows[r] = self.rows[last]
-        self.rows.pop()
+def stream(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], n: int = 1
+           ) -> Iterator[tuple[tuple[int, int], Sequence, Output]]:
+    """Engine.stream."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    events: deque[tuple[Sequence, Output]] = deque()
+    groups = [engine.add(prompt, prm, lambda seq, out: events.append((seq, out)), n)
+              for prompt, prm in zip(prompts, params_list, strict=True)]
+    where = {id(s): (p, s.index) for p, g in enumerate(groups) for s in g}
+    pending = len(where)
+    try:
+        while pending:
+            more = engine.step()
+            while events:
+                seq, out = events.popleft()
+                pending -= out.finish_reason is not None
+                yield where[id(seq)], seq, out
+            if pending and not more:
+                raise RuntimeError("the engine went idle with sequences unfinished")  # internal invariant
+    finally:
+        if pending:
+            engine.cancel([s for g in groups for s in g if not s.finished])
+            engine.step()

@@ -104,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         (keys, values, mask) to attend over: keys/values (B, nh, Tk, hs) and a bool mask
         broadcastable to (B, nh, T, Tk) (True = may attend), or mask None for plain causal
         attention with T == Tk; attention runs in the keys' dtype (a cache may keep them wider
-        than x). engine.SlotCache is the one the project uses."""
+        than x). engine.PrefillPass and engine.DecodePass are the ones the project uses."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)

@@ -30,7 +30,8 @@ import time
 
 
 import checkpoints
-from engine import Engine, SamplingError, SamplingParams
+from engine import Engine
+from sampling import SamplingError, SamplingParams
 from errors import OptionError, exit_status, read_user_text
 from model import GPT
 from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
@@ -161,9 +162,11 @@ def run(args: argparse.Namespace) -> None:
             out(f"\n{SEPARATOR}\n")
             current += 1
 
-    engine = Engine(model, max_batch=min(args.num_samples, MAX_BATCH), weights=loaded.weights, context_shift=True,
+    max_batch = min(args.num_samples, MAX_BATCH)
+    decoding, weights = loaded.for_decoding(max_batch)
+    engine = Engine(decoding, max_batch=max_batch, context_shift=True,
                     vocab_limit=enc.n_vocab if cfg.vocab_size > enc.n_vocab else None)
-    print(f"decoding with {engine.weights_description} weights", file=sys.stderr)
+    print(f"decoding with {weights} weights", file=sys.stderr)
     params = dataclasses.replace(args.params, seed=seed)
     n_tokens, start = 0, time.perf_counter()
     for (_, i), _, event in engine.stream([prompt_ids], params, n=args.num_samples):

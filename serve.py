@@ -7,11 +7,7 @@
 --checkpoint takes what sample.py takes (a run's out_dir, a checkpoint, a GPT-2 directory) and
 is loaded by the same helper. Endpoints:
 
-  POST /v1/completions   OpenAI's completions API: prompt (a string, a list of strings, token
-                         ids, or a list of token-id lists), max_tokens (default 16), temperature,
-                         top_p, top_k (an extension), n, stop (up to 4 strings), seed, stream
-                         (server-sent events ending `data: [DONE]`), stream_options.include_usage,
-                         logprobs (0-5 alternatives per token), echo; user is ignored.
+  POST /v1/completions   OpenAI's completions API (the fields it takes: completions.py)
   GET  /v1/models        the one model served (named after the checkpoint, or --model_name)
   GET  /health           {"status": "ok", "running": ..., "waiting": ...}; 503 once the engine thread
                          has stopped (a request the engine fails on is a 500; the engine goes on)
@@ -31,7 +27,7 @@ step. SIGTERM (or Ctrl-C) stops accepting connections and lets running requests 
 --shutdown_timeout seconds; then each open stream gets a final chunk (finish_reason 'shutdown' and
 an error object) and `data: [DONE]`, other requests a 503, and the server exits 0. One line per
 request goes to stderr: tokens in and out, time to first token, tokens/s, finish reasons. FastAPI's
-/docs, /redoc and /openapi.json are off unless --api_docs.
+/docs, /redoc and /openapi.json are off unless --api_docs (and need the API key where there is one).
 """
 
 from __future__ import annotations
@@ -43,7 +39,6 @@ import contextlib
 import gc
 import hashlib
 import hmac
-import json
 import os
 import re
 import signal
@@ -53,225 +48,36 @@ import threading
 import time
 import traceback
 from collections import deque
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import checkpoints
-from engine import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, Engine, Output, SamplingError, SamplingParams
+import decode_weights
+from completions import (DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, check_model, error_event,
+                         parse_completion, read_json)
+from engine import FINISH_CANCELLED, FINISH_ERROR, Engine, Output
 from errors import ServeError, exit_status
-from tokenizer import EOT_TOKEN, TextStream, gpt2_tokenizer
+from tokenizer import gpt2_tokenizer
 
 try:  # the optional `serve` extra; run() says how to install it when it is missing
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as err:
     _MISSING_EXTRA: ImportError | None = err
 else:
     _MISSING_EXTRA = None
 
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_LOGPROBS = 5  # alternatives per token (OpenAI's limit)
-MAX_N = 128
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 API_KEY_ENV = "SERVE_API_KEY"
 # A legal request is at most --max_batch + --max_queue prompts (40 by default) of at most block_size
 # tokens (1,024 for GPT-2): as token ids ~7 bytes of JSON each (~7 KB a prompt), as text rarely
 # more than ~8 bytes a token even with escapes. 4 MiB holds that ten times over and is read and
 # parsed in well under a second.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-FINISH_SHUTDOWN = "shutdown"  # the finish_reason of a choice the server ended because it is stopping
 PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
-
-
-# ------------------------------------------------------------------------ errors
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------- requests
-
-
-@dataclass
-class CompletionRequest:
-    """A checked /v1/completions body: prompts as token ids, and the sampling settings."""
-
-    prompts: list[list[int]]
-    shown: list[bool]  # per prompt: False for "", which starts from <|endoftext|> and echoes as ""
-    params: SamplingParams
-    n: int
-    stop: list[str]
-    stream: bool
-    echo: bool
-    include_usage: bool
-
-
-def _check_type(body: dict, name: str, kinds: tuple, what: str, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds:
-        raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
-    if not isinstance(value, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", name)
-    return value
-
-
-def parse_completion(body, enc, block_size: int, vocab_size: int) -> CompletionRequest:
-    """Check a /v1/completions body and tokenize its prompts. vocab_size: the ids a prompt may
-    hold (the tokenizer's, where the model's vocabulary is padded past it). Raises APIError (400)
-    naming the field, its value and the rule."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for name, neutral in (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None),
-                          ("suffix", None), ("best_of", None)):
-        value = body.get(name)
-        if value is not None and value != neutral and not (name == "best_of" and value == body.get("n", 1)):
-            raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})", name)
-    prompts, shown = _prompts(body.get("prompt"), enc, vocab_size)
-    max_tokens = _check_type(body, "max_tokens", (int,), "an integer >= 1", DEFAULT_MAX_TOKENS)
-    for ids in prompts:
-        if len(ids) + max_tokens > block_size:
-            raise APIError(400, f"This model's maximum context length is {block_size} tokens, however you requested "
-                                f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
-                                f"completion). Please reduce your prompt; or completion length.",
-                           "max_tokens", "context_length_exceeded")
-    temperature = _check_type(body, "temperature", (int, float), "a number in [0, 2]", 1.0)
-    if not 0 <= temperature <= 2:  # OpenAI's range, narrower than the engine's
-        raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", "temperature")
-    top_p = _check_type(body, "top_p", (int, float), "a number in (0, 1]", 1.0)
-    top_k = _check_type(body, "top_k", (int,), "an integer (-1 or 0: off; at or past the vocabulary: all)", 0)
-    if top_k < -1:
-        raise APIError(400, f"'top_k' must be >= 1, or -1 or 0 for off, got {top_k}", "top_k")
-    n = _check_type(body, "n", (int,), f"an integer in [1, {MAX_N}]", 1)
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", "n")
-    seed = _check_type(body, "seed", (int,), "an integer in [-2**63, 2**64)", None)
-    logprobs = _check_type(body, "logprobs", (int,), f"an integer in [0, {MAX_LOGPROBS}]", None)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise APIError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
-        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them, "
-                            f"got {json.dumps(body.get('stop'))[:80]}", "stop")
-    stream = _check_type(body, "stream", (bool,), "a boolean", False)
-    echo = _check_type(body, "echo", (bool,), "a boolean", False)
-    options = _check_type(body, "stream_options", (dict,), "an object", {})
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise APIError(400, f"'stream_options.include_usage' must be a boolean, got {json.dumps(include_usage)[:80]}",
-                       "stream_options")
-    try:  # the engine's ranges are checked once, in SamplingParams (top_p before any float(): 1e400 is an int)
-        params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature),
-                                top_k=top_k if top_k > 0 else None, top_p=top_p if top_p != 1 else None,
-                                seed=seed, stop_token_ids=(EOT_TOKEN,) if vocab_size > EOT_TOKEN else (),
-                                logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
-    except SamplingError as err:
-        raise APIError(400, f"'{err.setting}' {err.rule}", err.setting) from None
-    return CompletionRequest(prompts, shown, params, n, stop, stream, echo, include_usage)
-
-
-def _prompts(prompt, enc, vocab_size: int) -> tuple[list[list[int]], list[bool]]:
-    """`prompt` as token-id lists (ids in [0, vocab_size)): a string, a list of strings, a list of
-    ids, or a list of id lists; and per prompt whether its tokens are its text. An empty string
-    starts from <|endoftext|>, as sample.py does, which is not its text."""
-    rule = "a string, a list of strings, a list of token ids, or a list of token-id lists"
-    if prompt is None:
-        raise APIError(400, "'prompt' is required", "prompt")
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise APIError(400, f"'prompt' must be {rule}, got {json.dumps(prompt)[:80]}", "prompt")
-    out, shown = [], []
-    for item in prompt:
-        shown.append(item != "")
-        if isinstance(item, str):
-            out.append(enc.encode_ordinary(item) or [EOT_TOKEN])
-        elif (isinstance(item, list) and item
-              and all(isinstance(t, int) and not isinstance(t, bool) for t in item)):
-            bad = [t for t in item if not 0 <= t < vocab_size]
-            if bad:
-                raise APIError(400, f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {vocab_size})", "prompt")
-            out.append(list(item))
-        else:
-            raise APIError(400, f"'prompt' must be {rule}, got an item {json.dumps(item)[:80]}", "prompt")
-    return out, shown
-
-
-# ----------------------------------------------------------------------- choices
-
-
-@dataclass
-class Choice:
-    """One choice's text as it is generated: detokenized incrementally, cut at a stop string,
-    with the part that could still become a stop string held back from a stream."""
-
-    index: int
-    stream: TextStream
-    stops: list[str]
-    text: str = ""  # generated text so far (cut at a stop string once one appears)
-    sent: int = 0  # characters of `text` already streamed
-    tokens: list[int] = field(default_factory=list)
-    token_logprobs: list = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prefix: str = ""  # the echoed prompt, sent before the first piece
-
-    def add(self, out: Output) -> bool:
-        """Take one token; returns True when a stop string now ends the choice."""
-        self.offsets.append(len(self.text))
-        self.tokens.append(out.token)
-        self.token_logprobs.append(out.logprob)
-        self.top_logprobs.append(out.top_logprobs)
-        before = len(self.text)
-        self.text += self.stream.feed([out.token])
-        if self.stops:
-            longest = max(map(len, self.stops))
-            start = max(0, before - longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
-                return True
-        return False
-
-    def finish(self, reason: str) -> None:
-        if self.finish_reason is None:
-            self.text += self.stream.finish()
-            self.finish_reason = "stop" if reason != FINISH_LENGTH else "length"
-
-    def ready(self) -> str:
-        """New text safe to send: all of it once finished, else all but a possible stop-string start."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            for k in range(min(end - self.sent, max(map(len, self.stops), default=1) - 1), 0, -1):
-                if any(s.startswith(self.text[end - k:]) for s in self.stops):
-                    end -= k
-                    break
-        piece, self.sent = self.text[self.sent: end], max(self.sent, end)
-        return piece
 
 
 # ------------------------------------------------------------------------- server
@@ -279,6 +85,7 @@ class Choice:
 
 class Server:
     """The model, its engine (stepped by a background thread), the tokenizer and the queue bound.
+    weights: None (decode with `model` as it is) or a layout for decode_weights.prepare, laid out here.
 
     A step that raises fails only its own requests (a 500) and the engine goes on. If the engine
     thread ends anyway, every open request fails, new ones and /health get 503, and
@@ -289,7 +96,10 @@ class Server:
                  api_key: str | None, log=None, on_engine_death=None):
         self.model_name, self.enc, self.api_key = model_name, enc, api_key
         self.config = model.config
-        self.engine = Engine(model, max_batch=max_batch, weights=weights,
+        self.weights = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
+        if weights is not None:  # laid out for decoding here, before the engine is built
+            model, self.weights = decode_weights.prepare(model, weights, batch=max_batch)
+        self.engine = Engine(model, max_batch=max_batch,
                              vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
         self.capacity = max_batch + max_queue  # sequences running or waiting
         self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
@@ -344,20 +154,12 @@ class Server:
             deliver, event = self._handoff.popleft()
             deliver(*event)
 
-    def token_text(self, token: int) -> str:
-        return self.enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")
-
     def completion(self, body) -> CompletionRequest:
         """Check one /v1/completions body against the model and tokenize it; runs off the event loop
         (a large prompt takes a while). Raises APIError."""
         if self.engine_error is not None:
             raise APIError(503, "the server's engine has stopped (see its log); the server is shutting down")
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and not isinstance(model, str):
-            raise APIError(400, f"'model' must be a string, got {json.dumps(model)[:80]}", "model")
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
-                           "model", "model_not_found")
+        check_model(body, self.model_name)
         req = parse_completion(body, self.enc, self.config.block_size, min(self.config.vocab_size, self.enc.n_vocab))
         count = len(req.prompts) * req.n
         if count > self.capacity:
@@ -365,12 +167,23 @@ class Server:
                                 f"the server holds at most {self.capacity} (--max_batch + --max_queue)", "n")
         return req
 
-    def admit(self, req: CompletionRequest) -> None:
-        """Check the queue bound for `req` (event-loop thread only). Raises APIError (429)."""
-        count = len(req.prompts) * req.n
+    def admit(self, run, count: int) -> None:
+        """Hold `count` places in the queue bound for `run` and tell it if the engine thread stops,
+        until `release` gives the places back and `forget` lets the run go (event-loop thread only).
+        Raises APIError (429) when the bound is full."""
         if self.outstanding + count > self.capacity:
             raise APIError(429, f"the server is busy: {self.outstanding} sequences running or queued, {count} more "
                                 f"would pass its bound of {self.capacity} (--max_batch + --max_queue); retry later")
+        self.outstanding += count
+        self.runs.add(run)
+
+    def release(self, count: int) -> None:
+        """Give back `count` places in the bound (a sequence ended, or was never queued)."""
+        self.outstanding -= count
+
+    def forget(self, run) -> None:
+        """`run` no longer needs telling that the engine thread stopped."""
+        self.runs.discard(run)
 
 
 def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_docs: bool = False):
@@ -391,8 +204,7 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Pure ASGI middleware; the last added runs first: the key is checked before a body is read.
     app.add_middleware(_LimitBody, limit=max_request_bytes)
     if server.api_key is not None:
-        app.add_middleware(_RequireKey, key=server.api_key,
-                           open_paths=frozenset({"/", *(docs.values() if api_docs else ())}))
+        app.add_middleware(_RequireKey, key=server.api_key, open_paths=frozenset({"/"}))  # the docs need it too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -405,9 +217,8 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
                    405: f"{request.url.path} does not accept {request.method}"}.get(err.status_code, str(err.detail))
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=err.headers)
 
-    block_size = server.config.block_size
-    page = (server.playground.replace("{{block_size}}", str(block_size))
-            .replace("{{max_tokens}}", str(min(64, max(1, block_size // 2)))))  # room for the prompt
+    block_size = server.config.block_size  # max_tokens leaves room for the prompt
+    page = server.playground.replace("{{block_size}}", str(block_size)).replace("{{max_tokens}}", str(min(64, max(1, block_size // 2))))
     playground_headers = {"X-Frame-Options": "DENY", "Content-Security-Policy": _playground_policy(page)}
 
     @app.get("/", response_class=HTMLResponse)
@@ -437,11 +248,11 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
             raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
                                 f"{media_type or 'no Content-Type'!r}")
         req = await asyncio.to_thread(_parse_body, server, await request.body())
-        server.admit(req)
         run = _Run(server, req, start, request)
         if req.stream:
             return StreamingResponse(stopping.stream(run), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(run.abandon))  # run however the response ended
         return JSONResponse(await stopping.whole(run))
 
     return app
@@ -451,12 +262,7 @@ def _parse_body(server: Server, raw: bytes) -> CompletionRequest:
     """A /v1/completions body as a checked request; run on a worker thread, as parsing and
     tokenizing a large body takes a while. Raises APIError (400 for anything unparsable)."""
     with _collector_paused():
-        try:
-            body = json.loads(raw)
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-            raise APIError(400, f"the request body is not valid JSON ({err})") from None
-        except RecursionError:
-            raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+        body = read_json(raw)
         try:
             return server.completion(body)
         except RecursionError:
@@ -501,6 +307,7 @@ class _Stopping:
             async with self._watch() as ended:
                 await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done():
+                run.ended_by = "503 (server shutting down)"  # what run.whole() logs
                 answer.cancel()  # run.whole() cancels the sequences and logs the request
                 await asyncio.wait({answer})
                 raise self.error()
@@ -525,12 +332,8 @@ class _Stopping:
                     yield chunk
             step.cancel()  # run.sse() cancels the sequences and logs the request
             await asyncio.wait({step})
-            cut = [{"text": "", "index": c.index, "logprobs": None, "finish_reason": FINISH_SHUTDOWN}
-                   for c in run.choices if c.finish_reason is None]
-            last = {"id": run.id, "object": "text_completion", "created": run.created,
-                    "model": self.server.model_name, "choices": cut, **self.error().body()}
-            yield f"data: {json.dumps(last)}\n\n"
-            yield "data: [DONE]\n\n"
+            yield run.answer.cut_chunk(FINISH_SHUTDOWN, self.error())
+            yield DONE
         finally:
             if step is not None:
                 step.cancel()
@@ -628,34 +431,33 @@ class _LimitBody:
 
 
 class _Run:
-    """One admitted request: its sequences on the engine, its choices, and how it is answered."""
+    """One admitted request: its sequences on the engine and its answer (a completions.Completion),
+    delivered whole or as a stream. It holds its places in the queue bound through the server's
+    admit/release calls: every sequence's finish event (sent on every way out: length, stop,
+    cancel, error) releases one."""
 
     def __init__(self, server: Server, req: CompletionRequest, start: float, request):
         self.server, self.req, self.start, self.request = server, req, start, request
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.answer = Completion(req, server.enc, server.model_name)
+        self.choices = self.answer.choices
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = loop = asyncio.get_running_loop()
-        enc = server.enc
-        n = req.n
-        self.choices = [Choice(p * n + i, TextStream(enc), req.stop) for p in range(len(req.prompts)) for i in range(n)]
         self.sequences = []
         self.first_token_at: float | None = None
         self.open = len(self.choices)
         self.error: APIError | None = None  # set when the engine failed this request
         self.finished = False
-        # Every sequence added holds its place in the bound until its finish event (_deliver),
-        # which the engine sends on every way out: length, stop, cancel, error.
+        self.ended_by, self.logged = "cancelled (client gone)", False  # what an unfinished request logs, and whether it has
+        n, count = req.n, len(self.choices)
+        server.admit(self, count)  # raises APIError (429) past the bound
         try:
             for p, prompt in enumerate(req.prompts):
                 sink = (lambda seq, out, p=p: server.post(loop, self._deliver, p * n + seq.index, seq, out))
-                group = server.engine.add(prompt, req.params, sink, n)
-                self.sequences += group
-                server.outstanding += len(group)
+                self.sequences += server.engine.add(prompt, req.params, sink, n)
         except ValueError as err:  # parse_completion checks all the engine checks: a bug if reached
+            server.release(count - len(self.sequences))  # the ones queued release theirs as they end
             self._close()
             raise APIError(500, f"the server could not queue this request: {err}") from err
-        server.runs.add(self)
         if server.engine_error is not None:  # it stopped after completion() checked: it may not have seen this run
             self.engine_stopped()
 
@@ -663,15 +465,15 @@ class _Run:
         """On the event loop: queue an engine event; a sequence's end frees its place in the bound
         whether or not anyone still reads the response."""
         if out.finish_reason is not None:
-            self.server.outstanding -= 1
+            self.server.release(1)
             if all(s.finished for s in self.sequences):  # also when no response ever read it (a stream never started)
-                self.server.runs.discard(self)
+                self.server.forget(self)
         self.queue.put_nowait((index, seq, out))
 
     def _close(self) -> None:
         if not self.finished:
             self.finished = True
-            self.server.runs.discard(self)
+            self.server.forget(self)
             unfinished = [s for s in self.sequences if not s.finished]
             if unfinished:
                 self.server.engine.cancel(unfinished)
@@ -709,46 +511,11 @@ class _Run:
                     self.open -= 1
                     yield choice, True
 
-    def _echo(self, choice: Choice) -> tuple[str, dict | None]:
-        """The prompt's text and logprobs for an echoed choice."""
-        prompt = self.req.prompts[choice.index // self.req.n]
-        if not self.req.shown[choice.index // self.req.n]:  # "": the <|endoftext|> it starts from is not its text
-            return "", None if self.req.params.logprobs is None else {
-                "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        text = self.server.enc.decode(prompt)
-        seq = self.sequences[choice.index]
-        lp = None
-        if self.req.params.logprobs is not None:
-            offsets, at = [], 0
-            for t in prompt:
-                offsets.append(at)
-                at += len(self.server.token_text(t))
-            entries = seq.prompt_logprobs or [None] * len(prompt)
-            lp = {"tokens": [self.server.token_text(t) for t in prompt],
-                  "token_logprobs": [e[0] if e else None for e in entries],
-                  "top_logprobs": [self._top(e[1]) if e else None for e in entries],
-                  "text_offset": offsets}
-        return text, lp
+    def _prompt_logprobs(self) -> list:
+        return [seq.prompt_logprobs for seq in self.sequences]
 
-    def _top(self, pairs) -> dict:
-        out = {}
-        for token, value in pairs:
-            out.setdefault(self.server.token_text(token), value)
-        return out
-
-    def _logprobs(self, choice: Choice, first: int, last: int, base: int) -> dict | None:
-        if self.req.params.logprobs is None:
-            return None
-        keep = [i for i in range(first, last) if choice.offsets[i] < len(choice.text) or i == first == last - 1]
-        return {"tokens": [self.server.token_text(choice.tokens[i]) for i in keep],
-                "token_logprobs": [choice.token_logprobs[i] for i in keep],
-                "top_logprobs": [self._top(choice.top_logprobs[i]) for i in keep],
-                "text_offset": [base + choice.offsets[i] for i in keep]}
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.req.prompts)
-        completion = sum(len(s.tokens) for s in self.sequences)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _completion_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
 
     async def _watch(self) -> None:
         """Cancel the request's sequences when its client goes away (non-streamed requests)."""
@@ -766,51 +533,19 @@ class _Run:
                 pass
         finally:
             watcher.cancel()
-            status = "200" if not self.open else "500 (engine error)" if self.error else "cancelled (client gone)"
+            status = "200" if not self.open else "500 (engine error)" if self.error else self.ended_by
             self._close()
             self._log(status)
         if self.error is not None:
             raise self.error
-        choices = []
-        for choice in self.choices:
-            text, lp, base = "", None, 0
-            if self.req.echo:
-                text, lp = self._echo(choice)
-                base = len(text)
-            gen_lp = self._logprobs(choice, 0, len(choice.tokens), base)
-            if lp is not None and gen_lp is not None:
-                lp = {k: lp[k] + gen_lp[k] for k in lp}
-            choices.append({"text": text + choice.text, "index": choice.index, "logprobs": lp or gen_lp,
-                            "finish_reason": choice.finish_reason})
-        return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.server.model_name, "choices": choices, "usage": self.usage()}
-
-    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.server.model_name, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    def _piece(self, choice: Choice, finished: bool, sent_tokens: list[int]) -> str | None:
-        """The chunk carrying what `choice` has that is not sent yet (None: nothing to send)."""
-        piece = choice.ready()
-        if not piece and not finished:
-            return None
-        first, sent_tokens[choice.index] = sent_tokens[choice.index], len(choice.tokens)
-        lp = self._logprobs(choice, first, len(choice.tokens), len(choice.prefix))
-        return self._chunk([{"text": piece, "index": choice.index, "logprobs": lp,
-                             "finish_reason": choice.finish_reason if finished else None}])
+        return self.answer.body(self._prompt_logprobs(), self._completion_tokens())
 
     async def sse(self):
         status = "200 stream"
-        sent_tokens = [0] * len(self.choices)
         try:
             if self.req.echo:
-                for choice in self.choices:
-                    text, lp = self._echo(choice)
-                    choice.prefix = text
-                    yield self._chunk([{"text": text, "index": choice.index, "logprobs": lp, "finish_reason": None}])
+                for chunk in self.answer.echo_chunks(self._prompt_logprobs()):
+                    yield chunk
             # Events that have already arrived go out together, one chunk per choice: when the
             # server falls behind the engine, it sends fewer, longer chunks instead of lagging more.
             touched: dict[int, tuple[Choice, bool]] = {}
@@ -818,17 +553,17 @@ class _Run:
                 touched[choice.index] = (choice, finished or touched.get(choice.index, (None, False))[1])
                 if not self.queue.empty() and self.open:
                     continue
-                for chunk in filter(None, (self._piece(c, f, sent_tokens) for c, f in touched.values())):
+                for chunk in filter(None, (self.answer.piece(c, f) for c, f in touched.values())):
                     yield chunk
                 touched.clear()
             if self.error is not None:  # OpenAI's error shape as the last event before [DONE]
                 status = "500 stream (engine error)"
-                yield f"data: {json.dumps(self.error.body())}\n\n"
-                yield "data: [DONE]\n\n"
+                yield error_event(self.error)
+                yield DONE
                 return
             if self.req.include_usage:
-                yield self._chunk([], self.usage())
-            yield "data: [DONE]\n\n"
+                yield self.answer.chunk([], self.answer.usage(self._completion_tokens()))
+            yield DONE
         except BaseException:  # the client went away (or the server is stopping): free the slots
             status = "cancelled"
             raise
@@ -836,16 +571,26 @@ class _Run:
             self._close()
             self._log(status)
 
+    def abandon(self) -> None:
+        """The response is over, however it ended: if `sse` never ran (the client went away before
+        the first byte, and Starlette cancelled the body before it started), cancel the sequences
+        and log the request here."""
+        if not self.logged:
+            self._close()
+            self._log("cancelled (client gone before the first byte)")
+
     def _log(self, status: str) -> None:
+        self.logged = True
         end = time.perf_counter()
-        usage = self.usage()
+        usage = self.answer.usage(self._completion_tokens())
         ttft = f"{1000 * (self.first_token_at - self.start):.0f} ms" if self.first_token_at else "-"
         decode = end - (self.first_token_at or end)
         rate = (usage["completion_tokens"] - len(self.choices)) / decode if decode > 0 else float("nan")
         reasons = ",".join(sorted({c.finish_reason or "cancelled" for c in self.choices}))
-        self.server.log(f"POST /v1/completions {status} {self.id}: prompt_tokens={usage['prompt_tokens']} "
+        self.server.log(f"POST /v1/completions {status} {self.answer.id}: prompt_tokens={usage['prompt_tokens']} "
                         f"completion_tokens={usage['completion_tokens']} choices={len(self.choices)} ttft={ttft} "
                         f"decode={rate:.1f} tokens/s total={1000 * (end - self.start):.0f} ms finish={reasons}")
+
 
 
 # ---------------------------------------------------------------------- command line
@@ -878,20 +623,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api_docs", action="store_true",
                    help="serve FastAPI's /docs, /redoc and /openapi.json (default: off)")
     args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_batch < 1:
-        p.error(f"--max_batch must be >= 1, got {args.max_batch}")
-    if args.max_queue < 0:
-        p.error(f"--max_queue must be >= 0, got {args.max_queue}")
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    if args.api_key is not None and not args.api_key:
-        p.error("--api_key is empty")
-    if args.max_request_bytes < 1:
-        p.error(f"--max_request_bytes must be >= 1, got {args.max_request_bytes}")
-    if args.shutdown_timeout < 0:
-        p.error(f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")
+    for ok, rule in ((0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}"),
+                     (args.max_batch >= 1, f"--max_batch must be >= 1, got {args.max_batch}"),
+                     (args.max_queue >= 0, f"--max_queue must be >= 0, got {args.max_queue}"),
+                     (args.threads >= 1, f"--threads must be >= 1, got {args.threads}"),
+                     (args.api_key is None or args.api_key, "--api_key is empty"),
+                     (args.max_request_bytes >= 1, f"--max_request_bytes must be >= 1, got {args.max_request_bytes}"),
+                     (args.shutdown_timeout >= 0, f"--shutdown_timeout must be >= 0, got {args.shutdown_timeout}")):
+        if not ok:
+            p.error(rule)
     return args
 
 
@@ -921,7 +661,7 @@ def run(args: argparse.Namespace) -> None:
                     on_engine_death=lambda: signal.raise_signal(signal.SIGTERM))
     cfg = model.config
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "
-          f"{device}, {server.engine.weights_description}, {args.threads} thread(s), max_batch={args.max_batch}, "
+          f"{device}, {server.weights}, {args.threads} thread(s), max_batch={args.max_batch}, "
           f"max_queue={args.max_queue}"
           f"{', API key required' if args.api_key else ''}) on http://{args.host}:{port}", file=sys.stderr, flush=True)
     app = build_app(server, args.max_request_bytes, args.api_docs)

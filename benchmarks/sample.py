@@ -95,7 +95,8 @@ def run(new_tokens: int = 128, shapes: str = "small,124m", checkpoint: str | Non
     (its val shards in `data`) with each layout; with `compile`, fp32 with the decode step under
     torch.compile too."""
     from decode_weights import prepare
-    from engine import Engine, SamplingParams
+    from engine import Engine
+    from sampling import SamplingParams
 
     print(f"decode benchmark: batch 1, 16-token prompt, up to {new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads on {cpu_name()}")

@@ -149,10 +149,12 @@ def print_levels(port: int, bodies: list[dict], concurrency: tuple[int, ...], ro
 def print_batched(ours, hf, new: int) -> None:
     """The engine's greedy decode of a batch of 16 equal-length prompts (fp32, bf16 and int8
     weights) against transformers' generate on the same batch, in this process."""
-    from engine import Engine, SamplingParams
+    from decode_weights import prepare
+    from engine import Engine
+    from sampling import SamplingParams
 
     batch = torch.randint(0, 50256, (16, 16), generator=torch.Generator().manual_seed(3))
-    engines = {w: Engine(ours, max_batch=16, weights=w) for w in ("float32", "bfloat16", "int8")}
+    engines = {w: Engine(prepare(ours, w, batch=16)[0], max_batch=16) for w in ("float32", "bfloat16", "int8")}
     params = SamplingParams(max_tokens=new, temperature=0.0)
     runs = {"hf": lambda: hf.generate(batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 16:].tolist(),
             **{w: (lambda e=e: e.generate(batch.tolist(), params)) for w, e in engines.items()}}

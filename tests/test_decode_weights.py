@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import decode_weights
 from decode_weights import Int8Linear, OneDNNLinear, SplitLinear, prepare
-from engine import Engine, SamplingParams
+from engine import Engine
+from sampling import SamplingParams
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=96)
@@ -98,9 +99,9 @@ def test_engine_greedy_tokens_equal_across_fp32_kernels():
         assert description == f"float32 via {names[kernel]}"  # every Linear
         assert type(decoding.lm_head) is classes[kernel]
         assert Engine(decoding, max_batch=3).generate(prompts, params) == plain
-    engine = Engine(model, max_batch=2, weights="float32")  # "auto": whichever timed faster here
-    assert engine.weights_description.startswith("float32 via ")
-    auto = engine.model
+    auto, description = prepare(model, "float32", batch=2)  # "auto": whichever timed faster here
+    engine = Engine(auto, max_batch=2)
+    assert description.startswith("float32 via ")
     streamed = decode_weights.streamed_bytes(model, torch.float32)  # what each shape was timed with
     assert streamed == 4 * (2 * 12 * 32 * 32 + 96 * 32)  # 2 layers of 12 C^2 weights, and the head
     for layer in (auto.lm_head, auto.transformer.h[0].attn.c_attn, auto.transformer.h[1].mlp.c_proj):
@@ -166,7 +167,7 @@ def test_bf16_weights_attend_in_fp32_on_the_cpu():
     """bf16 weights, but the KV cache (and so attention) stays fp32 on a CPU, where torch's bf16
     attention is slow: the engine's logprobs still follow the bf16 model's full forward pass."""
     model = tiny()
-    engine = Engine(model, max_batch=2, weights="bfloat16")
+    engine = Engine(prepare(model, "bfloat16", batch=2)[0], max_batch=2)
     assert engine.dtype == torch.bfloat16 and engine.cache.k.dtype == engine.cache.v.dtype == torch.float32
     prompt = [5, 17, 3, 60]
     out = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=0))

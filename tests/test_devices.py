@@ -182,6 +182,7 @@ def test_tf32_is_turned_on_for_cuda_only_and_exact_fp32_restores_it():
 def test_cuda_only_decisions_and_measurements_on_a_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert devices.chunked_argmax(cpu) and not devices.chunked_argmax(cuda)
+    assert devices.fp32_kv_cache(cpu) and not devices.fp32_kv_cache(cuda)
     assert devices.pin_batches(cuda) and not devices.pin_batches(cpu)
     devices.synchronize(cpu)
     devices.reset_peak_memory(cpu)

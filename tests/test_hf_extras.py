@@ -14,7 +14,8 @@ import hf_extras
 import sample
 import train
 from conftest import TINY, assert_one_line_error, latest, run_command
-from engine import Engine, SamplingParams
+from engine import Engine
+from sampling import SamplingParams
 from model import GPT, GPTConfig
 from documents import read_shakespeare, shakespeare_play_files
 from tokenizer import EOT_TEXT, EOT_TOKEN, gpt2_tokenizer

@@ -6,7 +6,9 @@ the queue bound, a disconnect freeing its slots, the edge (413 unread, 415, 404/
 do not parse, the Bearer header, the playground's headers), and SIGTERM (it stops the server).
 A second server, last, checks --port 0 and the streams still open when --shutdown_timeout ends."""
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -568,6 +570,86 @@ def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(padded):
 
 class EngineCrash(BaseException):
     """Not an Exception: it escapes the engine's per-step recovery, as a bug in it would."""
+
+
+# ------------------------------------- in-process: shutdown, docs behind the key, early disconnects
+
+
+@contextlib.contextmanager
+def own_server(api_key=None, api_docs=False):
+    """A server of its own in this process (one a test may stop), its engine's decode steps held
+    at `gate` until the test sets it."""
+    from fastapi.testclient import TestClient
+
+    from serve import Server, build_app
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64)).eval()
+    lines, gate = [], threading.Event()
+    server = Server(model, "own", gpt2_tokenizer(), 2, 2, None, api_key, log=lines.append)
+    real = server.engine._decode
+    server.engine._decode = lambda: (gate.wait(30), real())
+    app = build_app(server, api_docs=api_docs)
+    with TestClient(app) as http:
+        try:
+            yield dict(server=server, http=http, app=app, lines=lines, gate=gate)
+        finally:
+            gate.set()  # before the engine thread is joined
+
+
+def test_a_request_ended_at_shutdown_is_logged_as_ended_by_the_shutdown():
+    with own_server() as s:
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(response=s["http"].post(
+            "/v1/completions", json={"prompt": "Hi", "max_tokens": 40})))
+        waiter.start()
+        assert wait_until(lambda: s["server"].engine.num_running == 1, 30)
+        s["http"].portal.call(s["app"].state.end_requests, "a test")
+        waiter.join(timeout=30)
+        assert result["response"].status_code == 503
+    logged = [line for line in s["lines"] if line.startswith("POST /v1/completions")]
+    assert len(logged) == 1 and "shutting down" in logged[0] and "client gone" not in logged[0], logged
+
+
+def test_with_an_api_key_the_docs_need_it_too():
+    with own_server(api_key="k", api_docs=True) as s:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert s["http"].get(path).status_code == 401, path
+            assert s["http"].get(path, headers={"Authorization": "Bearer k"}).status_code == 200, path
+        assert s["http"].get("/").status_code == 200  # the playground page holds no key
+
+
+def test_a_stream_whose_client_leaves_before_its_first_byte_is_cancelled():
+    """The client is gone before the first byte (its disconnect is the first thing the app hears
+    after the body; Starlette cancels the response while it sends the headers, before the body
+    starts): the sequence is cancelled, not decoded to max_tokens."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 40, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "server": ("testserver", 80), "client": ("testclient", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    with own_server() as s:
+        server, added = s["server"], []
+        real_add = server.engine.add
+        server.engine.add = lambda *a, **k: added.extend(real_add(*a, **k)) or added
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message):  # the client is gone while the headers go out: the body never starts
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.2)
+
+        async def request():
+            await s["app"](scope, receive, send)
+            s["gate"].set()
+            while server.outstanding:  # the engine's events reach this loop
+                await asyncio.sleep(0.01)
+
+        s["http"].portal.call(request)
+        assert len(added) == 1 and added[0].finish_reason == "cancelled" and len(added[0].tokens) < 40
+        assert server.engine.num_running == 0 and not server.runs
 
 
 def test_a_dead_engine_fails_open_requests_and_health_is_503(padded):
