@@ -2,15 +2,12 @@
 measured here, for the engine (engine.py) to decode with. The model itself is never changed.
 
 Decoding reads every weight once per step for a handful of rows, so its speed is the speed of
-matrix-vector products, and torch's default CPU path is not always the fast one. Measured on
-2-core AMD EPYCs (docs/benchmarks.md): torch's fp32 F.linear of one row by GPT-2's (50257, 768)
-head took 10.2 ms (Zen 5; one thread busy), oneDNN's linear on the same weights (reordered once)
-4.3 ms; in bf16 oneDNN's took half torch's time or less on Zen 4. For a (384, 128) matrix in
-cache torch's took 5-7 us and oneDNN's 17-19 us. A third layout, "split" (SplitLinear: one bmm
-over column blocks of the weight, a block per thread), streamed 768 -> 2,304 and 768 -> 3,072
-weights from memory at 31-34 GB/s where oneDNN's reached 24-27 (Zen 4), but took twice
-oneDNN's time for 16 rows of small.py's head. int8 weight-only matmuls read a quarter of fp32's
-bytes.
+matrix-vector products, and torch's default CPU path is not always the fast one: depending on the
+shape, the CPU and the batch, torch's F.linear, oneDNN's linear on weights reordered once, or
+"split" (SplitLinear: one bmm over column blocks of the weight, a block per thread) is fastest,
+so each shape is timed here and the fastest kept. What each measured on which CPU:
+docs/benchmarks.md ("Decoding and serving") and docs/internals.md ("Decoding weights"). int8
+weight-only matmuls read a quarter of fp32's bytes.
 
     weights    Linear layers                                     activations   output
     float32    torch's F.linear, oneDNN's or split, whichever    float32       the same math:

@@ -130,8 +130,8 @@ class DecodePass:
         """Store the new keys/values k, v (B, nh, 1, hs) at each row's position; return (keys,
         values, mask) to attend over, views of the cache in its dtype."""
         k, v = k.to(self.cache.k.dtype), v.to(self.cache.v.dtype)
-        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: in
-        # bf16 torch's CPU scatter_ took 0.13 ms at batch 1 and 19 ms at batch 16 (Zen 4).
+        # Row b's new key goes to position positions[b]. An indexed assignment, not scatter_: torch's
+        # bf16 CPU scatter_ was over 100x slower at batch 16 (docs/internals.md, "Decoding weights").
         self.cache.k[layer][self.rows, :, self.positions] = k[:, :, 0]  # (B, nh, hs)
         self.cache.v[layer][self.rows, :, self.positions] = v[:, :, 0]
         B, span = self.rows.size(0), self.span
@@ -183,8 +183,8 @@ class Batch:
         self.model, self.vocab_limit, self.block_size = model, vocab_limit, model.config.block_size
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype  # activations
-        # The cache, and so attention, in fp32 on a CPU: torch's bf16 attention there took 1.4-1.6x
-        # the step time of fp32's at batch 16 over 200-token contexts (Zen 4, bf16 weights).
+        # The cache, and so attention, in fp32 on a CPU, where torch's bf16 attention made bf16 weights
+        # decode no faster than fp32 (devices.fp32_kv_cache; measured in docs/benchmarks.md).
         cache_dtype = torch.float32 if devices.fp32_kv_cache(self.device) else self.dtype
         self.cache = SlotCache(model.config, max_batch, self.device, cache_dtype)
         S, dev = max_batch, self.device

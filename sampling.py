@@ -124,16 +124,15 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
-ARGMAX_CHUNK = 256  # argmax_rows' chunk: 128-1,024 timed within noise of each other (Zen 4)
+ARGMAX_CHUNK = 256  # argmax_rows' chunk: 128-1,024 timed alike (docs/benchmarks.md, "Decoding and serving")
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Per row of logits (B, V) the index of the largest value, the first of equal ones (NaN
-    counting as largest), exactly as logits.argmax(-1). torch's CPU argmax does not vectorise: 0.66
-    ms for 16 rows of 50,257 on one Zen 4 thread, where their max (amax) takes 37 us. So: each
-    chunk's max, the first chunk holding the row's max, the argmax within that chunk (0.10 ms in
-    all), and the columns past the last whole chunk compared on their own. Off the CPU, torch's
-    argmax itself."""
+    counting as largest), exactly as logits.argmax(-1). torch's CPU argmax does not vectorise, where
+    its max (amax) does (the timings: docs/internals.md, "Decoding weights"). So: each chunk's max,
+    the first chunk holding the row's max, the argmax within that chunk, and the columns past the
+    last whole chunk compared on their own. Off the CPU, torch's argmax itself."""
     B, V = logits.shape
     n = V // ARGMAX_CHUNK
     if n < 2 or not devices.chunked_argmax(logits.device):

@@ -600,8 +600,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a GPT-2 checkpoint over OpenAI's completions API.")
     checkpoints.add_model_args(p, dtype_default="float32", decoding=True,
                                dtype_help="float32 (default: the same tokens as transformers' fp32 greedy decode), "
-                                          "bfloat16 (rounded weights; 1.2-1.5x fp32's tokens/s at 16 streams on a Zen 4 "
-                                          "CPU, docs/benchmarks.md), or auto (bf16 where it is clearly faster for one "
+                                          "bfloat16 (rounded weights; faster on CPUs with fast bf16 matmuls: measured in "
+                                          "docs/benchmarks.md), or auto (bf16 where it is clearly faster for one "
                                           "stream at this model's shapes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000,
