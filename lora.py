@@ -13,6 +13,13 @@ and freezes the rest), so the loop, DDP and the optimizers see the module they a
         lora_base.json               the base: its absolute path and the SHA-256 of its weights file
         state/, train_config.json, meta.json   as in every checkpoint
 
+A base with no directory of its own (init_from=scratch: the seeded random model; init_from= a LoRA
+checkpoint: its base with the adapter merged) is written once into the run's out_dir when the run
+starts writing (RunDir.start, through write_run_base), and the adapter names that directory:
+
+    out_dir/lora_base/               config.json, model.safetensors and the rest of a complete
+                                     GPT-2 directory (save_pretrained); one of the run's outputs
+
 Key names: peft names a LoRA weight after the module it adapts, `base_model.model.` +
 `transformer.h.N.attn.c_attn` + `.lora_A.weight`; GPT and GPT2LMHeadModel name those modules
 alike (STYLE.md, Names). GPT2LMHeadModel's c_attn/c_proj/c_fc are Conv1D (weight stored (in, out)),
@@ -42,6 +49,7 @@ BASE_FILE = "lora_base.json"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base model's names
 ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 INSTALL_HINT = "pip install -e '.[lora]'"
+RUN_BASE_SUBDIR = "lora_base"  # in out_dir: the base of a run whose base has no directory of its own
 
 
 def _peft():
@@ -55,6 +63,20 @@ def _peft():
 def is_adapter_dir(path: Path) -> bool:
     """A directory holding a PEFT adapter (a LoRA run's checkpoint)."""
     return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def run_base_dir(out_dir: Path) -> Path:
+    """Where a run in out_dir keeps a base that has no directory of its own (the module docstring)."""
+    return Path(out_dir) / RUN_BASE_SUBDIR
+
+
+def is_run_base(path: Path) -> bool:
+    """Whether `path` (run_base_dir, or its temporary) is what write_run_base leaves there: a
+    directory of plain files only (under run_base_dir's own name, with a weights file among them)."""
+    entries = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else None
+    if entries is None or not all(p.is_file() and not p.is_symlink() for p in entries):
+        return False
+    return path.name != RUN_BASE_SUBDIR or any((path / name).is_file() for name in WEIGHT_FILES)
 
 
 def is_wrapped(model) -> bool:
@@ -106,7 +128,7 @@ def _wrap(model: "GPT", rank: int, alpha: float, dropout: float, targets: list[s
     config = _peft().LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                                 fan_in_fan_out=False)  # GPT's layers are nn.Linear (see the module docstring)
     peft_model = _peft().get_peft_model(model, config)
-    model.lora_base = base_identity(base) if base is not None else None
+    model.lora_base = base_identity(base) if base is not None else None  # None: write_run_base sets it
     return peft_model
 
 
@@ -114,8 +136,8 @@ def wrap(model: "GPT", rank: int, alpha: float, dropout: float, targets: list[st
     """The GPT `model` with LoRA adapters of `rank` on every module named in `targets` (peft's
     suffix match: "c_proj" is attn.c_proj and mlp.c_proj), scaled by alpha / rank, with `dropout` on
     their input; every other weight frozen. base: the GPT-2 directory the weights came from (its
-    identity goes into every checkpoint). Returns the same module, for the trainer to use as before.
-    Raises ConfigError when peft is missing."""
+    identity goes into every checkpoint; None: write_run_base writes the base and sets it). Returns
+    the same module, for the trainer to use as before. Raises ConfigError when peft is missing."""
     return _wrap(model, rank, alpha, dropout, targets, base).get_base_model()
 
 
@@ -152,13 +174,11 @@ def adapter_config(model: "GPT") -> dict:
 def save_adapter(model: "GPT", directory: Path) -> None:
     """Write the adapter of `model` (the unwrapped, uncompiled GPT that `wrap` returned) into
     `directory` in PEFT's layout (adapter_config.json, adapter_model.safetensors) and its base's
-    identity (lora_base.json), each published atomically. Raises CheckpointError for a model whose
-    base is not a directory (init_from=scratch is refused by the config's validation)."""
+    identity (lora_base.json), each published atomically."""
     from safetensors.torch import save_file
 
     peft = _peft()
-    if model.lora_base is None:
-        raise CheckpointError("a LoRA adapter without a base directory cannot be saved")
+    assert model.lora_base is not None, "write_run_base writes the base before the first checkpoint"
     weights = {PEFT_PREFIX + k: v.detach().contiguous().cpu()
                for k, v in peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
     with atomic.atomic_path(Path(directory) / ADAPTER_WEIGHTS_FILE) as tmp:
@@ -210,14 +230,17 @@ def load(directory: Path, load_base: Callable[[Path], "GPT"], trainable: bool, l
     for attribute in ("peft_config", "lora_base"):
         if hasattr(merged, attribute):
             delattr(merged, attribute)
-    return merged
+    return merged.requires_grad_(True)  # a plain GPT, as from_pretrained gives (get_peft_model froze the base)
 
 
 
 def for_run(model: "GPT", cfg, base: Path | None, log) -> "GPT":
     """The trainer's one hook at model building: `model` wrapped with the adapter cfg asks for
-    (lora_rank > 0, a fine-tune of the GPT-2 directory `base`), or as it is (lora_rank=0, or a
-    resumed LoRA checkpoint, already wrapped: base None); the start line goes through log.
+    (lora_rank > 0), or as it is (lora_rank=0, or a resumed LoRA checkpoint, already wrapped);
+    the start line goes through log. base: the directory the weights came from (a GPT-2 directory,
+    or a LoRA checkpoint whose merged weights `model` holds), None for a new or resumed model. A
+    base with no GPT-2 directory of its own (scratch, a LoRA checkpoint) is written to
+    run_base_dir(cfg.out_dir) by write_run_base when the run starts writing.
     Raises ConfigError when a resume and cfg disagree about the adapter."""
     if is_wrapped(model):
         rank = model.peft_config[ADAPTER_NAME].r
@@ -225,12 +248,36 @@ def for_run(model: "GPT", cfg, base: Path | None, log) -> "GPT":
             raise ConfigError(f"lora_rank={cfg.lora_rank} but the checkpoint being resumed holds a LoRA adapter of "
                               f"rank {rank}; resume with --lora_rank={rank}")
     elif cfg.lora_rank > 0:
-        if base is None:
+        if cfg.init_from == "resume":
             raise ConfigError(f"lora_rank={cfg.lora_rank} cannot resume a full fine-tune's checkpoint (it holds no "
-                              f"adapter); resume with --lora_rank=0, or start a LoRA run with init_from= a GPT-2 directory")
+                              f"adapter); resume with --lora_rank=0, or start a new LoRA run from one of its checkpoints")
         from train_config import lora_targets
 
-        model = wrap(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg), base)
+        own = base is None or is_adapter_dir(base)  # no GPT-2 directory to name: the run writes one
+        targets = lora_targets(cfg)
+        model = wrap(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, None if own else base)
+        if own:
+            model.lora_run_base = run_base_dir(cfg.out_dir)
+            what = "the new model's random weights" if base is None else f"{base} (base + adapter, merged)"
+            log(f"LoRA base: {what}, frozen, saved to {model.lora_run_base} when the run starts")
     if is_wrapped(model):
         log(describe(model))
     return model
+
+
+def write_run_base(model: "GPT") -> None:
+    """Write the frozen base of `model` (wrapped by for_run over a base with no directory of its own)
+    into its run_base_dir as a complete GPT-2 directory (save_pretrained), built under a temporary
+    name and renamed into place, and name it as the adapter's base from now on. Does nothing for any
+    other model. Main process only; called once the run starts writing (RunDir.start)."""
+    final = getattr(model, "lora_run_base", None)
+    if final is None:
+        return
+    # peft moved each adapted layer's own weight to `<module>.base_layer.weight`, beside lora_A/lora_B
+    base = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    tmp = atomic.tmp_name(final)
+    with atomic.building_dir(final, tmp):
+        model.save_pretrained(tmp, state_dict=base)
+    atomic.publish_dir(tmp, final)
+    model.lora_base = base_identity(final)
+    del model.lora_run_base

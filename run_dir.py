@@ -58,6 +58,7 @@ class RunDir:
             train_config.json    the effective TrainConfig, flat keys (config.json in earlier versions)
             log.jsonl            one JSON record per log line and eval
             loss.png             with plot=true
+            lora_base/           a LoRA run's base when it has no directory of its own (lora.py)
             ckpt/step_XXXXXXX/   checkpoints (layout in checkpoints.py)
     """
 
@@ -103,11 +104,12 @@ class RunDir:
             )
         self._replaced = found
 
-    def start(self, cfg: TrainConfig, accelerator: Accelerator, resume_step: int | None) -> None:
+    def start(self, cfg: TrainConfig, accelerator: Accelerator, resume_step: int | None, raw_model: GPT) -> None:
         """Once everything is loaded and checked: remove what `claim` noted, or (resuming from
         resume_step) checkpoint leftovers and log records past that step; then write train_config.json
-        (dropping a run config under its earlier name). From here on `save` works with this cfg (the
-        run's final one) and accelerator. Collective in name only: the main process writes."""
+        (dropping a run config under its earlier name) and, for a LoRA run over a base with no
+        directory of its own, that base (lora.write_run_base). From here on `save` works with this
+        cfg (the run's final one) and accelerator. Collective in name only: the main process writes."""
         self.cfg, self.accelerator = cfg, accelerator
         if not self.is_main:
             return
@@ -121,6 +123,7 @@ class RunDir:
         legacy = self.path / LEGACY_RUN_CONFIG_FILE
         if legacy.is_file() and is_run_output(legacy):
             legacy.unlink()
+        lora.write_run_base(raw_model)
 
     # ---- logging
 
@@ -217,6 +220,7 @@ def _refuse_foreign(out_dir: Path) -> None:
     names that this project did not write (is_run_output), or anything under ckpt/ that is not
     its checkpoints (checkpoints.foreign_entries): a run would replace or not touch them."""
     foreign = [p.name for p in (out_dir / name for name in RUN_FILES) if p.is_file() and not is_run_output(p)]
+    foreign += [p.name for p in _run_base_paths(out_dir) if p.exists() and not lora.is_run_base(p)]
     if checkpoints.is_weights_dir(out_dir) or foreign:
         what = "model weights" if checkpoints.is_weights_dir(out_dir) else "files"
         raise ConfigError(f"out_dir={out_dir} holds {what} this project did not write as a run's outputs "
@@ -266,10 +270,16 @@ def _on_every_process(accelerator: Accelerator, out_dir: Path, final: Path, phas
 
 def run_outputs(out_dir: Path) -> list[Path]:
     """What an earlier run left in out_dir: its files (RUN_FILES and their temporaries, when their
-    content is a run's: is_run_output), checkpoints and checkpoint leftovers. Nothing else counts."""
+    content is a run's: is_run_output), a LoRA base it wrote (lora.is_run_base), checkpoints and
+    checkpoint leftovers. Nothing else counts."""
     named = [p for name in RUN_FILES for p in (out_dir / name, atomic.tmp_name(out_dir / name)) if p.is_file()]
-    found = [p for p in named if is_run_output(p)]
+    found = [p for p in named if is_run_output(p)] + [p for p in _run_base_paths(out_dir) if lora.is_run_base(p)]
     return found + checkpoints.list_checkpoints(out_dir) + checkpoints.leftovers(out_dir)
+
+
+def _run_base_paths(out_dir: Path) -> tuple[Path, Path]:
+    """lora.run_base_dir(out_dir) and its temporary name."""
+    return lora.run_base_dir(out_dir), atomic.tmp_name(lora.run_base_dir(out_dir))
 
 
 def is_run_output(path: Path) -> bool:

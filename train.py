@@ -321,7 +321,7 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
         raise Interrupted(f"stopped by {stop.received or 'a signal on another process'} before training started; "
                           f"nothing in {run_dir.path} was changed")
     # only now may anything be removed; from here on run_dir saves with this cfg and accelerator
-    run_dir.start(cfg, accelerator, resume.state.step if resume is not None else None)
+    run_dir.start(cfg, accelerator, resume.state.step if resume is not None else None, raw_model)
     accelerator.wait_for_everyone()
     if resume is not None:
         log(f"resumed from {resume.ckpt} at step {state.step}{resume.rng_note(accelerator.device)}")
@@ -357,7 +357,7 @@ def build_model(cfg: TrainConfig, resume: Resume | None, log) -> tuple[GPT, Trai
             raise ConfigError(f"config does not match the checkpoint {resume.ckpt}: " + ", ".join(mismatched))
         return lora.for_run(model, cfg, None, log), cfg  # LoRA: checks the resumed adapter against cfg
     if cfg.init_from == "scratch":
-        return GPT(cfg.model), cfg
+        return lora.for_run(GPT(cfg.model), cfg, None, log), cfg  # LoRA: the frozen base is saved at start
     log(f"fine-tuning from {cfg.init_from}")
     model = checkpoints.load_model(Path(cfg.init_from), **runtime_overrides(cfg))
     # The shape comes from the weights; block_size, the training window, may be shorter than the

@@ -59,7 +59,7 @@ class TrainConfig:
     muon_nesterov: bool = True  # Nesterov momentum in Muon
     muon_weight_decay: float = 0.0  # Muon's decoupled decay (times its current rate)
     # LoRA (lora.py, through peft): low-rank adapters train, the base weights stay frozen
-    lora_rank: int = 0  # adapter rank r; 0: full fine-tune (every weight trains)
+    lora_rank: int = 0  # adapter rank r; 0: full fine-tune. A base with no directory (scratch, a LoRA checkpoint) is saved to out_dir/lora_base
     lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated module names adapted in every block (c_proj: attn and mlp)
@@ -329,9 +329,9 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
     if cfg.lora_rank <= 0 or problems:
         return problems
     checks = [
-        # The adapter is saved beside a base directory it names; a scratch model has none.
-        (cfg.init_from != "scratch", "lora_rank > 0 needs init_from= a GPT-2 directory (or resume): a LoRA adapter "
-                                     "trains on a base model's frozen weights, and init_from=scratch has none"),
+        # A scratch run saves its frozen base as a GPT-2 directory (lora.write_run_base), biases and all
+        (cfg.init_from != "scratch" or cfg.model.bias, "lora_rank > 0 with init_from=scratch saves the base as a "
+                                                        "GPT-2 directory, which has biases: set bias=true"),
         # Muon orthogonalises whole matrices; the adapters' thin A and B are not what it is for.
         (cfg.optimizer != "muon", "optimizer=muon does not run with lora_rank > 0; use optimizer=adamw"),
         (os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true", "yes", "on"),

@@ -147,8 +147,7 @@ def test_two_processes_match_one(base, data_dir, tmp_path):
 @pytest.mark.parametrize("value, key", [("--lora_rank=-1", "lora_rank=-1"),
                                         ("--lora_targets=c_attn,wte", "lora_targets='c_attn,wte'"),
                                         ("--lora_alpha=0", "lora_alpha=0"),
-                                        ("--optimizer=muon", "optimizer=muon"),
-                                        ("--init_from=scratch", "init_from=scratch")])
+                                        ("--optimizer=muon", "optimizer=muon")])
 def test_bad_values_are_one_line_errors(base, data_dir, tmp_path, value, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(")) as err:
         train.main(lora_args(data_dir, base, tmp_path / "run", value))
@@ -237,3 +236,111 @@ def test_fsdp_is_refused_with_lora(base, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="lora_rank > 0 does not run under FSDP"):
         train.main(lora_args(data_dir, base, tmp_path / "run"))
+
+
+# ------------------------------------------------------------------ a base with no directory of its own
+
+
+def scratch_args(data_dir, out_dir, *extra) -> list[str]:
+    shape = [f"--{k}={v}" for k, v in SHAPE.items()]
+    return lora_args(data_dir, "scratch", out_dir, *shape, *extra)
+
+
+def train_main(args):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train.main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def scratch_run(data_dir, tmp_path_factory):
+    """A finished LoRA run with init_from=scratch: its out_dir."""
+    out = tmp_path_factory.mktemp("lora_scratch") / "run"
+    train_main(scratch_args(data_dir, out))
+    return out
+
+
+def test_scratch_run_saves_its_base_and_names_it(scratch_run):
+    from accelerate.utils import set_seed
+
+    base = scratch_run / lora.RUN_BASE_SUBDIR
+    assert checkpoints.is_weights_dir(base) and {"config.json", "model.safetensors"} <= set(tree_hashes(base))
+    ckpt = latest(scratch_run)
+    assert json.loads((ckpt / lora.ADAPTER_CONFIG_FILE).read_text())["base_model_name_or_path"] == str(base.resolve())
+    assert json.loads((ckpt / lora.BASE_FILE).read_text())["path"] == str(base.resolve())
+    set_seed(1337)  # the base is the seeded random model of any scratch run with this shape
+    fresh = GPT(GPTConfig(**SHAPE)).state_dict()
+    saved = checkpoints.load_model(base).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in fresh.items())
+    val = [r["val_loss"] for r in read_log(scratch_run / "log.jsonl") if "val_loss" in r]
+    assert len(train_losses(scratch_run)) == 4 and val[-1] < val[0]  # the adapter alone lowers the loss
+
+
+def test_scratch_run_loads_in_peft_and_sample(scratch_run):
+    transformers = pytest.importorskip("transformers")
+    ckpt = latest(scratch_run)
+    hf_base = transformers.GPT2LMHeadModel.from_pretrained(scratch_run / lora.RUN_BASE_SUBDIR)
+    adapted = peft.PeftModel.from_pretrained(hf_base, ckpt).eval()
+    assert any(float(p.abs().max()) > 0 for n, p in adapted.named_parameters() if "lora_B" in n)  # it trained
+    ours = checkpoints.load_model(ckpt).eval()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], adapted(idx).logits, atol=1e-5, rtol=1e-5)
+    proc = run_command("sample.py", "--checkpoint", scratch_run, "--prompt", "Hello", "--max_new_tokens", "4",
+                       "--device", "cpu", "--dtype", "float32", "--seed", "1")
+    assert proc.returncode == 0, failure(proc)
+    assert f"loaded {ckpt}" in proc.stderr
+
+
+def test_scratch_resume_equals_straight(data_dir, tmp_path):
+    common = ["--lora_dropout=0.1"]
+    train_main(scratch_args(data_dir, tmp_path / "straight", *common))
+    train_main(scratch_args(data_dir, tmp_path / "resumed", *common, "--max_steps=2"))
+    base = tree_hashes(tmp_path / "resumed" / lora.RUN_BASE_SUBDIR)
+    args = scratch_args(data_dir, tmp_path / "resumed", *common)
+    train_main([a if not a.startswith("--init_from=") else "--init_from=resume" for a in args])
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")  # bit for bit
+    assert tree_hashes(tmp_path / "resumed" / lora.RUN_BASE_SUBDIR) == base  # written once, used by the resume
+
+
+def test_scratch_overwrite_replaces_the_base(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_main(scratch_args(data_dir, out, "--max_steps=2"))
+    before = tree_hashes(out / lora.RUN_BASE_SUBDIR)
+    with pytest.raises(ConfigError, match="already holds"):
+        train_main(scratch_args(data_dir, out, "--max_steps=2", "--seed=7"))
+    train_main(scratch_args(data_dir, out, "--max_steps=2", "--seed=7", "--overwrite=true"))
+    after = tree_hashes(out / lora.RUN_BASE_SUBDIR)
+    assert after.keys() == before.keys() and after["model.safetensors"] != before["model.safetensors"]
+    checkpoints.load_model(latest(out))  # the new adapter names the new base, hash and all
+
+
+def test_a_foreign_lora_base_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / lora.RUN_BASE_SUBDIR / "mine").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"{lora.RUN_BASE_SUBDIR}.*nothing was changed"):
+        train_main(scratch_args(data_dir, out))
+    assert (out / lora.RUN_BASE_SUBDIR / "mine").is_dir()
+
+
+def test_scratch_needs_bias(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="bias=true") as err:
+        train_main(scratch_args(data_dir, tmp_path / "run", "--bias=false"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_lora_checkpoint_as_init_from(run, data_dir, tmp_path):
+    """Its base and adapter, merged, are the new run's frozen base, saved in its out_dir."""
+    parent = latest(run[0])
+    out = tmp_path / "child"
+    train_main(lora_args(data_dir, parent, out, "--max_steps=2"))
+    merged = checkpoints.load_model(parent).eval()
+    base = checkpoints.load_model(out / lora.RUN_BASE_SUBDIR).eval()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in merged.state_dict().items())
+    record = json.loads((latest(out) / lora.BASE_FILE).read_text())
+    assert record["path"] == str((out / lora.RUN_BASE_SUBDIR).resolve())
+    checkpoints.load_model(latest(out))
+    train_main(lora_args(data_dir, parent, tmp_path / "full", "--max_steps=2", "--lora_rank=0"))  # a full fine-tune
+    assert not (tmp_path / "full" / lora.RUN_BASE_SUBDIR).exists()
