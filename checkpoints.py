@@ -8,7 +8,7 @@ their shared --checkpoint/--device/--dtype options (`add_model_args`, `load_for_
                              a LoRA run writes its adapter instead (adapter_config.json,
                              adapter_model.safetensors, lora_base.json: lora.py)
         tokenizer.json, ...  GPT-2's tokenizer, generation_config.json and the model card README.md
-                             (hf_extras.py): for other tools; nothing here reads them back
+                             (hf_dir.py): for other tools; nothing here reads them back
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
         train_config.json    the effective TrainConfig of the run
         meta.json            written last: the training state (step, tokens seen, loader position,
@@ -45,9 +45,9 @@ import atomic
 import decode_weights
 import devices
 from errors import CheckpointError, OptionError
-from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
+from hf_dir import CONFIG_FILE as HF_CONFIG_FILE
 from atomic import file_sha256  # every checkpoint file's hash (in atomic.py so lora.py hashes a base alike)
-from hf_weights import WEIGHT_FILES
+from hf_dir import WEIGHT_FILES
 
 if TYPE_CHECKING:
     from model import GPT

@@ -376,7 +376,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, vocab_size: int) -> tu
     train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
     shards.check_vocab(cfg.data_dir, train_paths + val_paths, vocab_size)
     if vocab_size >= VOCAB_SIZE:
-        gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_extras.py): fail now, not at the first save
+        gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_dir.py): fail now, not at the first save
     window, batch = cfg.model.block_size, cfg.micro_batch_size
     pin = devices.pin_batches(accelerator.device)
     train_loader = ShardLoader(train_paths, window, batch, rank, world, seed=cfg.seed, shuffle=True, pin_memory=pin)

@@ -64,11 +64,11 @@ def hf_twin(model):
     """transformers' GPT2LMHeadModel with the same shape and weights as one of ours."""
     import transformers
 
-    import hf_weights
+    import hf_dir
 
     c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_weights.config_to_hf(c)))
-    missing, unexpected = hf.load_state_dict(hf_weights.to_hf_state_dict(model.state_dict(), c.tie_embeddings),
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_dir.config_to_hf(c)))
+    missing, unexpected = hf.load_state_dict(hf_dir.to_hf_state_dict(model.state_dict(), c.tie_embeddings),
                                              strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     return hf
