@@ -37,6 +37,7 @@ import checkpoints
 import devices
 import evaluation
 import lora
+import precision
 import shards
 from errors import ConfigError, DivergenceError, exit_status
 from model import GPT
@@ -513,15 +514,15 @@ def derive_for_processes(cfg: TrainConfig, world_size: int, resume: Resume | Non
 
 
 def resolve_mixed_precision(cfg: TrainConfig, processes: PartialState, log) -> str:
-    """cfg.mixed_precision with "auto" decided (devices.mixed_precision may time bf16 against fp32):
+    """cfg.mixed_precision with "auto" decided (precision.mixed_precision may time bf16 against fp32):
     the main process decides, so every process trains alike; its note goes through log."""
-    choice = [devices.mixed_precision(cfg.mixed_precision, processes.device, devices.Workload.of("batched", cfg.model))
+    choice = [precision.mixed_precision(cfg.mixed_precision, processes.device, precision.Workload.of("batched", cfg.model))
               if processes.is_main_process else None]
     broadcast_object_list(choice)  # a no-op with one process
-    precision, note = choice[0]
+    setting, note = choice[0]
     if note:
         log(note)
-    return precision
+    return setting
 
 
 def check_fsdp(accelerator: Accelerator) -> None:

@@ -76,8 +76,8 @@ def hf_twin(model):
 
 def print_auto_precision(kind: str, shapes: dict[str, dict]) -> None:
     """What `auto` (mixed_precision, --dtype) picks at each shape for `kind` ("batched" or
-    "decode") and the two rates it picks by, timed now (devices.measure_bf16, no cache)."""
-    from devices import BF16_MIN_SPEEDUP, Workload, measure_bf16, native_bf16
+    "decode") and the two rates it picks by, timed now (precision.measure_bf16, no cache)."""
+    from precision import BF16_MIN_SPEEDUP, Workload, measure_bf16, native_bf16
 
     if not native_bf16(torch.device("cpu")):
         print("auto precision: fp32 (bf16 is emulated on this CPU: no AVX512-BF16 or AMX, nothing timed)")

@@ -22,8 +22,9 @@ def run(examples: int = 200, batch_size: int = 16) -> None:
     """HellaSwag examples/s (4 choices each, batched) at small.py's shape and GPT-2 124M, with the
     real validation examples when `make hellaswag` has fetched them, fp32 and (where native) bf16."""
     import evaluation
-    from devices import autocast, native_bf16
+    from devices import autocast
     from model import GPT, GPTConfig
+    from precision import native_bf16
     from tokenizer import gpt2_tokenizer
 
     data = ROOT / "data" / "hellaswag"

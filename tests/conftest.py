@@ -45,7 +45,7 @@ def in_process_training_on_the_cpu(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory):
-    """Where devices.py keeps measured bf16/fp32 rates during the tests (and in the commands they
+    """Where precision.py keeps measured bf16/fp32 rates during the tests (and in the commands they
     run): a temporary directory, never the user's ~/.cache."""
     directory = tmp_path_factory.mktemp("precision_cache")
     os.environ["GPT2_ACCELERATE_CACHE_DIR"] = str(directory)
