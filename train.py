@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import devices
-import evaluation
+import scoring
 import lora
 import precision
 import shards
@@ -185,12 +185,12 @@ def run_evals(trainer: Trainer) -> None:
 
 @torch.no_grad()
 def val_loss(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: int) -> float:
-    """Mean loss per token over the same eval_steps micro-batches every time (evaluation.py's
+    """Mean loss per token over the same eval_steps micro-batches every time (scoring.py's
     window_losses, as eval.py --task val computes it), over every process's windows."""
     model.eval()
     loader.rewind()
     batches = (loader.next_windows() for _ in range(eval_steps))
-    total, count = evaluation.window_losses(model, batches, accelerator.device, contextlib.nullcontext())
+    total, count = scoring.window_losses(model, batches, accelerator.device, contextlib.nullcontext())
     model.train()
     sums = accelerator.reduce(torch.tensor([total, count], device=accelerator.device), reduction="sum")
     return (sums[0] / sums[1]).item()
@@ -198,7 +198,7 @@ def val_loss(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: i
 
 def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accelerator,
                         batch_size: int) -> Callable[[], dict[str, float]]:
-    """An evaluator of zero-shot HellaSwag (evaluation.py): the examples are shared out across
+    """An evaluator of zero-shot HellaSwag (scoring.py): the examples are shared out across
     processes, the counts summed over them. Every process scores the same number of examples
     (the short shares repeat their first one, uncounted), so each calls the model equally often,
     as FSDP needs."""
@@ -209,10 +209,10 @@ def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accele
     @torch.no_grad()
     def run() -> dict[str, float]:
         model.eval()
-        scores = evaluation.score_choices(model, padded, batch_size, accelerator.device, contextlib.nullcontext(),
-                                          max_len=max_len)
+        scores = scoring.score_choices(model, padded, batch_size, accelerator.device, contextlib.nullcontext(),
+                                       max_len=max_len)
         model.train()
-        counts = torch.tensor(evaluation.hellaswag_counts(scores[: len(share)], share), dtype=torch.float64,
+        counts = torch.tensor(scoring.hellaswag_counts(scores[: len(share)], share), dtype=torch.float64,
                               device=accelerator.device)
         n, correct, correct_norm = accelerator.reduce(counts, reduction="sum").tolist()
         return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
@@ -310,10 +310,10 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
     if resume is not None:
         state = dataclasses.replace(resume.state, **where)
         train_loader.load_state_dict(state.train_loader)
-    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+    examples = (scoring.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
                 if cfg.hellaswag_data else None)
     if examples is not None:
-        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
+        scoring.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
     n_params = raw_model.num_params()
     flops_per_step = raw_model.flops_per_token(cfg.model.block_size) * cfg.tokens_per_step
     model, optimizers = prepare_training(cfg, accelerator, raw_model, resume, log)

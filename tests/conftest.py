@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import atomic
 import checkpoints
+from model import GPT, GPTConfig
 from shards import write_shard
+from tokenizer import gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -215,3 +218,22 @@ def small_disk():
         subprocess.run(["umount", "-l", str(directory)], capture_output=True)
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """GPT-2's tokenizer (tiktoken)."""
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with the real vocabulary, as a Hugging Face directory."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # spread-out predictions, so choices differ clearly
+    path = tmp_path_factory.mktemp("gpt2") / "tiny"
+    model.save_pretrained(path)
+    return path
