@@ -42,18 +42,18 @@ def _train(base: str, out: str, data_dir: str, rank: int, steps: int, batch: int
 
     from accelerate.utils import load as load_state_file
 
+    import devices
     import train
-    from train import read_log
+    from run_dir import read_log
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    device = "cuda" if devices.cuda_available() else "cpu"
+    devices.reset_peak_memory(torch.device(device))
     train.main([f"--init_from={base}", f"--out_dir={out}", f"--data_dir={data_dir}", f"--lora_rank={rank}",
                 f"--max_steps={steps}", f"--warmup_steps={max(steps // 10, 1)}", "--learning_rate=3e-4",
                 "--min_lr=3e-5", f"--micro_batch_size={batch}", f"--block_size={block}", "--log_interval=1",
                 f"--eval_interval={steps}", f"--ckpt_interval={steps}", "--eval_steps=10", "--keep_last_ckpts=1",
                 f"--mixed_precision={'bf16' if device == 'cuda' else 'no'}"])
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+    peak_mb = (devices.peak_memory_bytes(torch.device(device)) / 2**20 if device == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     records = read_log(Path(out) / "log.jsonl")
     rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:] or [float("nan")]
@@ -74,6 +74,7 @@ def run(steps: int = 50, micro_batch_size: int = 4, block_size: int = 512, data_
     """Both runs at each shape, each in its own process (a clean peak), printed as a table."""
     import multiprocessing
 
+    import devices
     from errors import ConfigError
     from model import GPT, GPTConfig
 
@@ -85,7 +86,7 @@ def run(steps: int = 50, micro_batch_size: int = 4, block_size: int = 512, data_
     steps, block_size = (3, 64) if quick else (steps, block_size)
     print(f"LoRA benchmark: full fine-tune vs LoRA rank {RANK} on c_attn,c_proj,c_fc, {steps} steps of "
           f"{micro_batch_size} x {block_size} tokens from random weights on {data_dir}; "
-          f"{'CUDA' if torch.cuda.is_available() else cpu_name()}, torch {torch.__version__}")
+          f"{'CUDA' if devices.cuda_available() else cpu_name()}, torch {torch.__version__}")
     print("\n| shape | run | peak memory | step | trainable | optimizer state | checkpoint (no state/) | val loss | "
           "memory, optimizer, checkpoint vs full |")
     print("|---|---|---|---|---|---|---|---|---|")

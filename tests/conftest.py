@@ -237,3 +237,44 @@ def gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2") / "tiny"
     model.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------- helpers shared by the test files
+
+# Accelerate's FSDP through the environment: full sharding, Blocks as the units, a full state dict saved.
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+    "FSDP_USE_ORIG_PARAMS": "true",
+}
+
+
+def train_main(*argv):
+    """train.main as a fresh `python train.py` would run it. (train, run_dir and accelerate are
+    imported here, not at the top: they load peft and transformers, which some test files
+    configure first.)"""
+    import train
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train.main([str(a) for a in argv])
+
+
+def read_log(out_dir) -> list[dict]:
+    """The records of out_dir's log.jsonl (run_dir.read_log)."""
+    import run_dir
+
+    return run_dir.read_log(Path(out_dir) / "log.jsonl")
+
+
+def train_losses(out_dir) -> list[float]:
+    """The train loss of every logged step of the run in out_dir."""
+    return [r["loss"] for r in read_log(out_dir) if "loss" in r]
+
+
+def snapshot(root):
+    """Every file under root, {relative path: bytes}: what a refused or failed command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -15,26 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 
 import atomic
 import checkpoints
 import locks
 import prepare_data
 import run_dir
-import train
-from conftest import ROOT, assert_one_line_error, env, run_command, tiny_args, wait_until
+from conftest import (ROOT, assert_one_line_error, env, run_command, snapshot, tiny_args, train_main as main,
+                      wait_until)
 from errors import ConfigError, DataError, DivergenceError
-
-
-def main(*argv):
-    """train.main as a fresh `python train.py` would run it."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train.main([str(a) for a in argv])
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 COMMON = ["--max_steps=4", "--lr_decay_steps=8", "--ckpt_interval=2", "--keep_last_ckpts=3", "--log_interval=1",
