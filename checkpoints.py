@@ -8,7 +8,7 @@ their shared --checkpoint/--device/--dtype options (`add_model_args`, `load_for_
                              a LoRA run writes its adapter instead (adapter_config.json,
                              adapter_model.safetensors, lora_base.json: lora.py)
         tokenizer.json, ...  GPT-2's tokenizer, generation_config.json and the model card README.md
-                             (hf_extras.py): for other tools; nothing here reads them back
+                             (hf_dir.py): for other tools; nothing here reads them back
         state/               optimizer, RNG and scaler state, written by Accelerate's save_state
         train_config.json    the effective TrainConfig of the run
         meta.json            written last: the training state (step, tokens seen, loader position,
@@ -44,10 +44,11 @@ import torch
 import atomic
 import decode_weights
 import devices
+import precision
 from errors import CheckpointError, OptionError
-from hf_weights import CONFIG_FILE as HF_CONFIG_FILE
+from hf_dir import CONFIG_FILE as HF_CONFIG_FILE
 from atomic import file_sha256  # every checkpoint file's hash (in atomic.py so lora.py hashes a base alike)
-from hf_weights import WEIGHT_FILES
+from hf_dir import WEIGHT_FILES
 
 if TYPE_CHECKING:
     from model import GPT
@@ -348,7 +349,7 @@ def add_model_args(parser: argparse.ArgumentParser, dtype_default: str = "auto",
                         help="a training out_dir (its newest loadable checkpoint), a checkpoint directory, "
                              "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    choices = devices.DTYPES + ((INT8,) if decoding else ())
+    choices = precision.DTYPES + ((INT8,) if decoding else ())
     parser.add_argument("--dtype", default=dtype_default, choices=choices, help=dtype_help + (INT8_HELP if decoding else ""))
 
 
@@ -378,7 +379,7 @@ class LoadedModel:
 def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
     """The model args.checkpoint stands for (a damaged newest checkpoint is skipped with a warning on
     stderr, see `load_latest`), in eval mode on args.device, and the dtype to run it in: args.dtype,
-    with "auto" decided for `workload` ("batched" or "decode", see devices.Workload) at the model's
+    with "auto" decided for `workload` ("batched" or "decode", see precision.Workload) at the model's
     shape. The device is checked before anything is loaded. Raises OptionError for the device or
     dtype, CheckpointError for the checkpoint."""
     def to_stderr(message: str) -> None:
@@ -399,5 +400,5 @@ def load_for_inference(args: argparse.Namespace, workload: str) -> LoadedModel:
     if args.dtype == INT8:
         check_int8(model.config, directory)  # the model's width
         return LoadedModel(model, directory, device, torch.bfloat16, INT8, tf32)
-    dtype = devices.resolve_dtype(args.dtype, device, devices.Workload.of(workload, model.config), log=to_stderr)
+    dtype = precision.resolve_dtype(args.dtype, device, precision.Workload.of(workload, model.config), log=to_stderr)
     return LoadedModel(model, directory, device, dtype, str(dtype).removeprefix("torch."), tf32)

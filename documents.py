@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from errors import DataError
-from hf_weights import is_local_path
+from hf_dir import is_local_path
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".parquet")
 BUILTIN_DATASETS = ("shakespeare",)

@@ -5,7 +5,7 @@
     python eval.py --checkpoint path/to/gpt2 --task hellaswag --data data/hellaswag --out gpt2.json
 
 --checkpoint is a run's out_dir (its newest loadable checkpoint), one checkpoint, or a Hugging
-Face GPT-2 directory, as for sample.py. The figures come from evaluation.py, which train.py's
+Face GPT-2 directory, as for sample.py. The figures come from scoring.py, which train.py's
 evals use too. A short table goes to stdout; --out writes the figures as JSON: atomically to a
 file (an existing one, or a symlink even to nothing, is replaced only with --overwrite; through a
 symlink, to its target), or straight into a device or pipe such as /dev/stdout.
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import atomic
 import checkpoints
 import devices
-import evaluation
+import scoring
 import shards
 from errors import DataError, exit_status
 from shards import ShardLoader, list_shards
@@ -123,12 +123,12 @@ def evaluate_val(model, directory: Path, args, device, dtype) -> dict:
     batches = (loader.read_windows(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
     bar = tqdm(batches, total=math.ceil(len(ids) / args.batch_size), desc="val", unit="batch",
                disable=True if len(ids) < 50 * args.batch_size else None, file=sys.stderr)  # None: on a terminal only
-    total, tokens = evaluation.window_losses(model, bar, device, devices.autocast(device, dtype))
+    total, tokens = scoring.window_losses(model, bar, device, devices.autocast(device, dtype))
     loss = total / tokens
     figures = {"task": "val", "loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "bits_per_byte": None}
     val = read_val_meta(data)
     if val.get("bytes"):
-        figures["bits_per_byte"] = evaluation.bits_per_byte(loss, val["tokens"], val["bytes"])
+        figures["bits_per_byte"] = scoring.bits_per_byte(loss, val["tokens"], val["bytes"])
     return figures
 
 
@@ -150,14 +150,14 @@ def read_val_meta(data: Path) -> dict:
 
 
 def evaluate_hellaswag(model, args, device, dtype) -> dict:
-    examples = evaluation.load_hellaswag(args.data, gpt2_tokenizer(), args.limit)
-    evaluation.check_vocab(examples, model.config.vocab_size, args.data)
+    examples = scoring.load_hellaswag(args.data, gpt2_tokenizer(), args.limit)
+    scoring.check_vocab(examples, model.config.vocab_size, args.data)
     sequences = sum(len(e.choices) for e in examples)
     with tqdm(total=sequences, desc="hellaswag", unit="seq", disable=True if sequences < 400 else None,
               file=sys.stderr) as bar:  # None: on a terminal only
-        scores = evaluation.score_choices(model, examples, args.batch_size, device, devices.autocast(device, dtype),
-                                          progress=bar.update)
-    n, correct, correct_norm = evaluation.hellaswag_counts(scores, examples)
+        scores = scoring.score_choices(model, examples, args.batch_size, device, devices.autocast(device, dtype),
+                                       progress=bar.update)
+    n, correct, correct_norm = scoring.hellaswag_counts(scores, examples)
     return {"task": "hellaswag", "examples": n, "acc": correct / n, "acc_norm": correct_norm / n}
 
 

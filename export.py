@@ -7,9 +7,9 @@ publish a run (then `hf upload` the directory).
 --checkpoint is what sample.py takes (a run's out_dir: its newest loadable checkpoint; one
 checkpoint; a GPT-2 directory), loaded by checkpoints.load_latest, so a LoRA run's adapter is
 merged into its base. --out gets config.json, model.safetensors, GPT-2's tokenizer files,
-generation_config.json and a model card (hf_weights.save_pretrained and hf_extras.py), and no
-optimizer, RNG or training state. The weights are checked finite first; the directory is built
-as a temporary sibling and renamed into place once every file is on disk (atomic.publish_dir).
+generation_config.json and a model card (hf_dir.save_pretrained), and no optimizer, RNG or
+training state. The weights are checked finite first; the directory is built as a temporary
+sibling and renamed into place once every file is on disk (atomic.publish_dir).
 
 An existing --out is refused unless it is empty; with --overwrite it is replaced only when it
 holds nothing but the files an export writes (nothing of anyone else's is deleted). A symlinked
@@ -29,8 +29,7 @@ import torch
 import atomic
 import checkpoints
 from errors import CheckpointError, OptionError, exit_status
-from hf_extras import extra_files
-from hf_weights import CONFIG_FILE, WEIGHT_FILES, config_to_hf
+from hf_dir import CONFIG_FILE, WEIGHT_FILES, config_to_hf, extra_files
 
 TMP_PREFIX = ".tmp_export_"
 

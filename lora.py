@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 import atomic
 from errors import CheckpointError, ConfigError
-from hf_weights import WEIGHT_FILES
+from hf_dir import WEIGHT_FILES
 
 if TYPE_CHECKING:
     from model import GPT

@@ -5,7 +5,7 @@ the MLP, the residual block, and the full model: explicit initialisation, tied i
 embeddings, optional activation checkpointing, `forward` (logits or the loss), parameter and FLOP
 counts. Neighbours own the rest:
   loss_head.py     the chunked linear + cross-entropy head, so training never holds the (B, T, vocab) logits
-  hf_weights.py    GPT-2 weights in the Hugging Face layout (`GPT.from_pretrained` / `save_pretrained` call it)
+  hf_dir.py        GPT-2 as a Hugging Face model directory (`GPT.from_pretrained` / `save_pretrained` call it)
   engine.py        generation (KV-cache slots, sampling, batching); the model only takes a cache
                    object and per-row positions in `hidden_states`
 
@@ -301,19 +301,19 @@ class GPT(nn.Module):
         loss = linear_cross_entropy(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T), reduction)
         return None, (loss.view(B, T) if reduction == "none" else loss)
 
-    # --------------------------------------- GPT-2 weights in the HF layout (hf_weights.py)
+    # --------------------------------------- GPT-2 weights in the HF layout (hf_dir.py)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "GPT":
-        """A model from a Hugging Face GPT-2 directory or hub name (see hf_weights.load_pretrained).
-        overrides: any of hf_weights.OVERRIDABLE (dropout, attention, ...; never the shape)."""
-        import hf_weights
+        """A model from a Hugging Face GPT-2 directory or hub name (see hf_dir.load_pretrained).
+        overrides: any of hf_dir.OVERRIDABLE (dropout, attention, ...; never the shape)."""
+        import hf_dir
 
-        return hf_weights.load_pretrained(path, lambda fields: cls(GPTConfig(**fields)), **overrides)
+        return hf_dir.load_pretrained(path, lambda fields: cls(GPTConfig(**fields)), **overrides)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                         training: dict | None = None) -> None:
-        """Write a directory transformers' GPT2LMHeadModel loads; see hf_weights.save_pretrained."""
-        import hf_weights
+        """Write a directory transformers' GPT2LMHeadModel loads; see hf_dir.save_pretrained."""
+        import hf_dir
 
-        hf_weights.save_pretrained(self, path, state_dict, training)
+        hf_dir.save_pretrained(self, path, state_dict, training)

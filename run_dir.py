@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 
 import atomic
 import checkpoints
+import locks
 import lora
 from errors import CheckpointError, ConfigError, DivergenceError
 from model import GPT
@@ -77,9 +78,9 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold out_dir's lock (atomic.lock_dir) on the main process, so one run at a time writes
+        """Hold out_dir's lock (locks.lock_dir) on the main process, so one run at a time writes
         there; the others wait for it before anything in out_dir is read."""
-        lock = atomic.lock_dir(self.path, ConfigError, "out_dir") if self.is_main else None
+        lock = locks.lock_dir(self.path, ConfigError, "out_dir") if self.is_main else None
         try:
             yield self
         finally:

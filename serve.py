@@ -103,7 +103,7 @@ class Server:
                              vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
         self.capacity = max_batch + max_queue  # sequences running or waiting
         self.outstanding = 0  # sequences admitted and not finished (event-loop thread only)
-        self.runs: set[_Run] = set()  # requests admitted and not answered (event-loop thread only)
+        self.runs: set[_Generation] = set()  # requests admitted and not answered (event-loop thread only)
         self.engine_error: BaseException | None = None  # what ended the engine thread
         self.on_engine_death = on_engine_death
         self.created = int(time.time())
@@ -124,8 +124,8 @@ class Server:
             self.engine_error = err
             self.log("engine: the engine thread stopped; failing every open request:\n"
                      + "".join(traceback.format_exception(err)).rstrip())
-            for run in list(self.runs):
-                run.loop.call_soon_threadsafe(run.engine_stopped)
+            for generation in list(self.runs):
+                generation.loop.call_soon_threadsafe(generation.engine_stopped)
             if self.on_engine_death is not None:
                 self.on_engine_death()
 
@@ -167,23 +167,23 @@ class Server:
                                 f"the server holds at most {self.capacity} (--max_batch + --max_queue)", "n")
         return req
 
-    def admit(self, run, count: int) -> None:
-        """Hold `count` places in the queue bound for `run` and tell it if the engine thread stops,
-        until `release` gives the places back and `forget` lets the run go (event-loop thread only).
+    def admit(self, generation, count: int) -> None:
+        """Hold `count` places in the queue bound for `generation` and tell it if the engine thread
+        stops, until `release` gives the places back and `forget` lets it go (event-loop thread only).
         Raises APIError (429) when the bound is full."""
         if self.outstanding + count > self.capacity:
             raise APIError(429, f"the server is busy: {self.outstanding} sequences running or queued, {count} more "
                                 f"would pass its bound of {self.capacity} (--max_batch + --max_queue); retry later")
         self.outstanding += count
-        self.runs.add(run)
+        self.runs.add(generation)
 
     def release(self, count: int) -> None:
         """Give back `count` places in the bound (a sequence ended, or was never queued)."""
         self.outstanding -= count
 
-    def forget(self, run) -> None:
-        """`run` no longer needs telling that the engine thread stopped."""
-        self.runs.discard(run)
+    def forget(self, generation) -> None:
+        """`generation` no longer needs telling that the engine thread stopped."""
+        self.runs.discard(generation)
 
 
 def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_docs: bool = False):
@@ -248,12 +248,12 @@ def build_app(server: Server, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
             raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
                                 f"{media_type or 'no Content-Type'!r}")
         req = await asyncio.to_thread(_parse_body, server, await request.body())
-        run = _Run(server, req, start, request)
+        generation = _Generation(server, req, start, request)
         if req.stream:
-            return StreamingResponse(stopping.stream(run), media_type="text/event-stream",
+            return StreamingResponse(stopping.stream(generation), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(run.abandon))  # run however the response ended
-        return JSONResponse(await stopping.whole(run))
+                                     background=BackgroundTask(generation.abandon))  # run however the response ended
+        return JSONResponse(await stopping.whole(generation))
 
     return app
 
@@ -300,24 +300,24 @@ class _Stopping:
             self.open -= 1
             ended.cancel()
 
-    async def whole(self, run: _Run) -> dict:
-        """run.whole(), or a 503 when the server stops first."""
-        answer = asyncio.ensure_future(run.whole())
+    async def whole(self, generation: _Generation) -> dict:
+        """generation.whole(), or a 503 when the server stops first."""
+        answer = asyncio.ensure_future(generation.whole())
         try:
             async with self._watch() as ended:
                 await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done():
-                run.ended_by = "503 (server shutting down)"  # what run.whole() logs
-                answer.cancel()  # run.whole() cancels the sequences and logs the request
+                generation.ended_by = "503 (server shutting down)"  # what generation.whole() logs
+                answer.cancel()  # generation.whole() cancels the sequences and logs the request
                 await asyncio.wait({answer})
                 raise self.error()
             return answer.result()
         finally:
             answer.cancel()  # a no-op once it is done
 
-    async def stream(self, run: _Run):
-        """run.sse()'s chunks; when the server stops first, a final chunk for the open choices and [DONE]."""
-        chunks, step = run.sse(), None
+    async def stream(self, generation: _Generation):
+        """generation.sse()'s chunks; when the server stops first, a final chunk for the open choices and [DONE]."""
+        chunks, step = generation.sse(), None
         try:
             async with self._watch() as ended:
                 while True:
@@ -330,9 +330,9 @@ class _Stopping:
                     except StopAsyncIteration:
                         return
                     yield chunk
-            step.cancel()  # run.sse() cancels the sequences and logs the request
+            step.cancel()  # generation.sse() cancels the sequences and logs the request
             await asyncio.wait({step})
-            yield run.answer.cut_chunk(FINISH_SHUTDOWN, self.error())
+            yield generation.answer.cut_chunk(FINISH_SHUTDOWN, self.error())
             yield DONE
         finally:
             if step is not None:
@@ -430,7 +430,7 @@ class _LimitBody:
         await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-class _Run:
+class _Generation:
     """One admitted request: its sequences on the engine and its answer (a completions.Completion),
     delivered whole or as a stream. It holds its places in the queue bound through the server's
     admit/release calls: every sequence's finish event (sent on every way out: length, stop,
@@ -458,7 +458,7 @@ class _Run:
             server.release(count - len(self.sequences))  # the ones queued release theirs as they end
             self._close()
             raise APIError(500, f"the server could not queue this request: {err}") from err
-        if server.engine_error is not None:  # it stopped after completion() checked: it may not have seen this run
+        if server.engine_error is not None:  # it stopped after completion() checked: it may not have seen this request
             self.engine_stopped()
 
     def _deliver(self, index: int, seq, out: Output) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 import atomic
+import locks
 from errors import ConfigError, DataError, ShardError
 
 if TYPE_CHECKING:  # torch is imported where batches are made: prepare_data.py never needs it
@@ -216,10 +217,10 @@ class ShardDir:
 
     def __init__(self, path: str | Path, overwrite: bool):
         self.path, self.overwrite = Path(path), overwrite
-        self.lock: atomic.DirLock | None = None
+        self.lock: locks.DirLock | None = None
 
     def __enter__(self) -> "ShardDir":
-        self.lock = atomic.lock_dir(self.path, DataError, "--out")  # one writer at a time, held until the end
+        self.lock = locks.lock_dir(self.path, DataError, "--out")  # one writer at a time, held until the end
         try:
             self.check()
         except BaseException:
@@ -231,7 +232,7 @@ class ShardDir:
         self.lock.release()
 
     def _entries(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if p.name != atomic.LOCK_FILE)
+        return sorted(p.name for p in self.path.iterdir() if p.name != locks.LOCK_FILE)
 
     def check(self) -> None:
         """Raises DataError if the directory is not empty and overwrite is off, or (with it) holds

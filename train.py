@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import devices
-import evaluation
 import lora
+import precision
+import scoring
 import shards
 from errors import ConfigError, DivergenceError, exit_status
 from model import GPT
@@ -184,12 +185,12 @@ def run_evals(trainer: Trainer) -> None:
 
 @torch.no_grad()
 def val_loss(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: int) -> float:
-    """Mean loss per token over the same eval_steps micro-batches every time (evaluation.py's
+    """Mean loss per token over the same eval_steps micro-batches every time (scoring.py's
     window_losses, as eval.py --task val computes it), over every process's windows."""
     model.eval()
     loader.rewind()
     batches = (loader.next_windows() for _ in range(eval_steps))
-    total, count = evaluation.window_losses(model, batches, accelerator.device, contextlib.nullcontext())
+    total, count = scoring.window_losses(model, batches, accelerator.device, contextlib.nullcontext())
     model.train()
     sums = accelerator.reduce(torch.tensor([total, count], device=accelerator.device), reduction="sum")
     return (sums[0] / sums[1]).item()
@@ -197,7 +198,7 @@ def val_loss(model, loader: ShardLoader, accelerator: Accelerator, eval_steps: i
 
 def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accelerator,
                         batch_size: int) -> Callable[[], dict[str, float]]:
-    """An evaluator of zero-shot HellaSwag (evaluation.py): the examples are shared out across
+    """An evaluator of zero-shot HellaSwag (scoring.py): the examples are shared out across
     processes, the counts summed over them. Every process scores the same number of examples
     (the short shares repeat their first one, uncounted), so each calls the model equally often,
     as FSDP needs."""
@@ -208,10 +209,10 @@ def hellaswag_evaluator(model, max_len: int, examples: list, accelerator: Accele
     @torch.no_grad()
     def run() -> dict[str, float]:
         model.eval()
-        scores = evaluation.score_choices(model, padded, batch_size, accelerator.device, contextlib.nullcontext(),
-                                          max_len=max_len)
+        scores = scoring.score_choices(model, padded, batch_size, accelerator.device, contextlib.nullcontext(),
+                                       max_len=max_len)
         model.train()
-        counts = torch.tensor(evaluation.hellaswag_counts(scores[: len(share)], share), dtype=torch.float64,
+        counts = torch.tensor(scoring.hellaswag_counts(scores[: len(share)], share), dtype=torch.float64,
                               device=accelerator.device)
         n, correct, correct_norm = accelerator.reduce(counts, reduction="sum").tolist()
         return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n}
@@ -309,10 +310,10 @@ def setup_trainer(cfg: TrainConfig, accelerator: Accelerator, run_dir: RunDir, r
     if resume is not None:
         state = dataclasses.replace(resume.state, **where)
         train_loader.load_state_dict(state.train_loader)
-    examples = (evaluation.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
+    examples = (scoring.load_hellaswag(cfg.hellaswag_data, gpt2_tokenizer(), cfg.hellaswag_limit or None)
                 if cfg.hellaswag_data else None)
     if examples is not None:
-        evaluation.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
+        scoring.check_vocab(examples, raw_model.config.vocab_size, cfg.hellaswag_data)
     n_params = raw_model.num_params()
     flops_per_step = raw_model.flops_per_token(cfg.model.block_size) * cfg.tokens_per_step
     model, optimizers = prepare_training(cfg, accelerator, raw_model, resume, log)
@@ -376,7 +377,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, vocab_size: int) -> tu
     train_paths, val_paths = list_shards(cfg.data_dir, "train"), list_shards(cfg.data_dir, "val")
     shards.check_vocab(cfg.data_dir, train_paths + val_paths, vocab_size)
     if vocab_size >= VOCAB_SIZE:
-        gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_extras.py): fail now, not at the first save
+        gpt2_tokenizer()  # every checkpoint holds GPT-2's tokenizer (hf_dir.py): fail now, not at the first save
     window, batch = cfg.model.block_size, cfg.micro_batch_size
     pin = devices.pin_batches(accelerator.device)
     train_loader = ShardLoader(train_paths, window, batch, rank, world, seed=cfg.seed, shuffle=True, pin_memory=pin)
@@ -513,22 +514,21 @@ def derive_for_processes(cfg: TrainConfig, world_size: int, resume: Resume | Non
 
 
 def resolve_mixed_precision(cfg: TrainConfig, processes: PartialState, log) -> str:
-    """cfg.mixed_precision with "auto" decided (devices.mixed_precision may time bf16 against fp32):
+    """cfg.mixed_precision with "auto" decided (precision.mixed_precision may time bf16 against fp32):
     the main process decides, so every process trains alike; its note goes through log."""
-    choice = [devices.mixed_precision(cfg.mixed_precision, processes.device, devices.Workload.of("batched", cfg.model))
+    choice = [precision.mixed_precision(cfg.mixed_precision, processes.device, precision.Workload.of("batched", cfg.model))
               if processes.is_main_process else None]
     broadcast_object_list(choice)  # a no-op with one process
-    precision, note = choice[0]
+    setting, note = choice[0]
     if note:
         log(note)
-    return precision
+    return setting
 
 
 def check_fsdp(accelerator: Accelerator) -> None:
-    """Raise ConfigError for the FSDP settings this loop cannot run correctly. FSDP1 without
-    use_orig_params swaps the parameters for flat ones in prepare(), after the optimizers were
-    built over the originals, which would then never see a gradient; a sharded state dict writes
-    the optimizer as per-process folders, which checkpoints (verified whole files) do not hold."""
+    """Raise ConfigError for FSDP settings this loop cannot run: FSDP1 without use_orig_params swaps
+    in flat parameters in prepare(), after the optimizers were built over the originals (which would
+    never see a gradient); a sharded state dict saves per-process folders, not verified whole files."""
     plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if plugin is None:
         return

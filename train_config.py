@@ -72,7 +72,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (also at the last step)
     keep_last_ckpts: int = 2  # checkpoints kept; older ones are removed
     # speed
-    mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where measured clearly faster: devices.py)
+    mixed_precision: str = "no"  # "no", "bf16", "fp16", or "auto" (bf16 where measured clearly faster: precision.py)
     compile: bool = False  # torch.compile (inductor; works on CPU too)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU in the logs; 0: MFU not shown
     # extras

@@ -64,11 +64,11 @@ def hf_twin(model):
     """transformers' GPT2LMHeadModel with the same shape and weights as one of ours."""
     import transformers
 
-    import hf_weights
+    import hf_dir
 
     c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_weights.config_to_hf(c)))
-    missing, unexpected = hf.load_state_dict(hf_weights.to_hf_state_dict(model.state_dict(), c.tie_embeddings),
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_dir.config_to_hf(c)))
+    missing, unexpected = hf.load_state_dict(hf_dir.to_hf_state_dict(model.state_dict(), c.tie_embeddings),
                                              strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     return hf
@@ -76,8 +76,8 @@ def hf_twin(model):
 
 def print_auto_precision(kind: str, shapes: dict[str, dict]) -> None:
     """What `auto` (mixed_precision, --dtype) picks at each shape for `kind` ("batched" or
-    "decode") and the two rates it picks by, timed now (devices.measure_bf16, no cache)."""
-    from devices import BF16_MIN_SPEEDUP, Workload, measure_bf16, native_bf16
+    "decode") and the two rates it picks by, timed now (precision.measure_bf16, no cache)."""
+    from precision import BF16_MIN_SPEEDUP, Workload, measure_bf16, native_bf16
 
     if not native_bf16(torch.device("cpu")):
         print("auto precision: fp32 (bf16 is emulated on this CPU: no AVX512-BF16 or AMX, nothing timed)")

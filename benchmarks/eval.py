@@ -21,9 +21,10 @@ def add_arguments(parser) -> None:
 def run(examples: int = 200, batch_size: int = 16) -> None:
     """HellaSwag examples/s (4 choices each, batched) at small.py's shape and GPT-2 124M, with the
     real validation examples when `make hellaswag` has fetched them, fp32 and (where native) bf16."""
-    import evaluation
-    from devices import autocast, native_bf16
+    import scoring
+    from devices import autocast
     from model import GPT, GPTConfig
+    from precision import native_bf16
     from tokenizer import gpt2_tokenizer
 
     data = ROOT / "data" / "hellaswag"
@@ -31,7 +32,7 @@ def run(examples: int = 200, batch_size: int = 16) -> None:
         print(f"eval benchmark: skipped, {data} is missing: run `make hellaswag` first")
         return
     enc = gpt2_tokenizer()
-    chosen = evaluation.load_hellaswag(data, enc, examples)
+    chosen = scoring.load_hellaswag(data, enc, examples)
     tokens = sum(len(e.query) + len(c) for e in chosen for c in e.choices)
     print(f"eval benchmark: {len(chosen)} HellaSwag validation examples ({tokens / len(chosen) / 4:.0f} tokens per "
           f"sequence on average), batches of {batch_size} sequences, {torch.get_num_threads()} threads on {cpu_name()}")
@@ -44,9 +45,9 @@ def run(examples: int = 200, batch_size: int = 16) -> None:
         model = GPT(GPTConfig(**shape)).eval()
         for dtype in dtypes:
             context = autocast(torch.device("cpu"), dtype)
-            evaluation.score_choices(model, chosen[:4], batch_size, torch.device("cpu"), context)  # warm-up
+            scoring.score_choices(model, chosen[:4], batch_size, torch.device("cpu"), context)  # warm-up
             start = time.perf_counter()
-            scores = evaluation.score_choices(model, chosen[:n], batch_size, torch.device("cpu"), context)
+            scores = scoring.score_choices(model, chosen[:n], batch_size, torch.device("cpu"), context)
             rate = n / (time.perf_counter() - start)
-            _, _, correct_norm = evaluation.hellaswag_counts(scores, chosen[:n])
+            _, _, correct_norm = scoring.hellaswag_counts(scores, chosen[:n])
             print(f"| {name} ({n} examples) | {str(dtype)[6:]} | {rate:.1f} | {correct_norm / n:.3f} |", flush=True)

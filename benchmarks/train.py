@@ -86,7 +86,7 @@ def run(steps: int = 7, compile: bool = True) -> None:
     CPU runs it natively); then peak memory at GPT-2 124M."""
     import multiprocessing
 
-    from devices import native_bf16
+    from precision import native_bf16
     from model import GPT, GPTConfig
     from train_config import load_config
 

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import atomic
 import checkpoints
+from model import GPT, GPTConfig
 from shards import write_shard
+from tokenizer import gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -45,7 +48,7 @@ def in_process_training_on_the_cpu(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory):
-    """Where devices.py keeps measured bf16/fp32 rates during the tests (and in the commands they
+    """Where precision.py keeps measured bf16/fp32 rates during the tests (and in the commands they
     run): a temporary directory, never the user's ~/.cache."""
     directory = tmp_path_factory.mktemp("precision_cache")
     os.environ["GPT2_ACCELERATE_CACHE_DIR"] = str(directory)
@@ -215,3 +218,63 @@ def small_disk():
         subprocess.run(["umount", "-l", str(directory)], capture_output=True)
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """GPT-2's tokenizer (tiktoken)."""
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with the real vocabulary, as a Hugging Face directory."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # spread-out predictions, so choices differ clearly
+    path = tmp_path_factory.mktemp("gpt2") / "tiny"
+    model.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------- helpers shared by the test files
+
+# Accelerate's FSDP through the environment: full sharding, Blocks as the units, a full state dict saved.
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+    "FSDP_USE_ORIG_PARAMS": "true",
+}
+
+
+def train_main(*argv):
+    """train.main as a fresh `python train.py` would run it. (train, run_dir and accelerate are
+    imported here, not at the top: they load peft and transformers, which some test files
+    configure first.)"""
+    import train
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train.main([str(a) for a in argv])
+
+
+def read_log(out_dir) -> list[dict]:
+    """The records of out_dir's log.jsonl (run_dir.read_log)."""
+    import run_dir
+
+    return run_dir.read_log(Path(out_dir) / "log.jsonl")
+
+
+def train_losses(out_dir) -> list[float]:
+    """The train loss of every logged step of the run in out_dir."""
+    return [r["loss"] for r in read_log(out_dir) if "loss" in r]
+
+
+def snapshot(root):
+    """Every file under root, {relative path: bytes}: what a refused or failed command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

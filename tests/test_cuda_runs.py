@@ -29,8 +29,7 @@ from accelerate.state import AcceleratorState, GradientState
 import devices
 import eval as eval_cli
 import train
-from run_dir import read_log
-from conftest import ROOT, env, failure, save_weights, tiny_args, torchrun, wait_until
+from conftest import FSDP_ENV, ROOT, env, failure, read_log, save_weights, tiny_args, torchrun, wait_until
 from engine import Engine, SamplingParams
 from model import GPT, GPTConfig
 
@@ -58,7 +57,7 @@ def train_run(data_dir, out, *extra) -> list[dict]:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     train.main(tiny_args(data_dir, out, *extra))
-    return read_log(out / "log.jsonl")
+    return read_log(out)
 
 
 def losses(records: list[dict]) -> list[float]:
@@ -143,16 +142,6 @@ def test_gradient_checkpointing_trains_as_plain_blocks(device, data_dir, tmp_pat
 # --------------------------------------------------------------------------- DDP and FSDP
 
 
-FSDP_ENV = {  # as tests/test_fsdp.py: full sharding, Blocks as the units, a full state dict saved
-    "ACCELERATE_USE_FSDP": "true",
-    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
-    "FSDP_USE_ORIG_PARAMS": "true",
-}
-
-
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_launched_run_equals_one_process(device, strategy, nproc, data_dir, tmp_path):
@@ -177,7 +166,7 @@ def test_launched_run_equals_one_process(device, strategy, nproc, data_dir, tmp_
     backend = "gloo" if device == "cpu" else "nccl"
     spread = f"{'FSDP' if strategy == 'fsdp' else 'DDP'} over {backend}, {nproc} processes on {device}"
     assert spread in result.stdout, result.stdout[-2000:]
-    launched = losses(read_log(tmp_path / "launched" / "log.jsonl"))
+    launched = losses(read_log(tmp_path / "launched"))
     single = losses(train_run(data_dir, tmp_path / "single", *SHORT, "--micro_batch_size=4", "--grad_accum_steps=2"))
     assert len(launched) == 4
     np.testing.assert_allclose(launched, single, rtol=1e-5 if device == "cpu" else 1e-4, atol=0)

@@ -21,7 +21,7 @@ import prepare_data
 import shards
 from conftest import alive, assert_one_line_error, children, env, error_line, run_command, run_prepare_data, wait_until
 from prepare_data import DataError, main, prepare, split_for_encoding
-from tokenizer import EOT_TOKEN, gpt2_tokenizer
+from tokenizer import EOT_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
@@ -35,11 +35,6 @@ DOCS = [
     "   leading and trailing spaces   \n\n\n",
     "ROMEO:\nBut soft, what light through yonder window breaks?\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def enc():
-    return gpt2_tokenizer()
 
 
 def read_raw_shard(path: Path) -> np.ndarray:

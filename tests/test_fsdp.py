@@ -9,21 +9,14 @@ import pytest
 import torch
 
 import checkpoints
+import conftest
 import devices
 from conftest import failure, latest, tiny_args, torchrun
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not devices.cuda_available(), reason="Accelerate runs FSDP only on GPUs (no CUDA here)")]
 
-FSDP_ENV = {
-    "ACCELERATE_USE_CPU": "false",
-    "ACCELERATE_USE_FSDP": "true",
-    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
-    "FSDP_USE_ORIG_PARAMS": "true",
-}
+FSDP_ENV = {"ACCELERATE_USE_CPU": "false", **conftest.FSDP_ENV}
 
 
 def torchrun_fsdp(args) -> subprocess.CompletedProcess:

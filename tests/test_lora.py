@@ -20,10 +20,10 @@ from accelerate.state import AcceleratorState
 import checkpoints
 import lora
 import train
-from conftest import ROOT, assert_one_line_error, env, failure, latest, run_command, torchrun, wait_until
+from conftest import (ROOT, assert_one_line_error, env, failure, latest, read_log, run_command, torchrun,
+                      train_losses, wait_until)
 from errors import CheckpointError, ConfigError
 from model import GPT, GPTConfig
-from run_dir import read_log
 
 peft = pytest.importorskip("peft")
 
@@ -41,10 +41,6 @@ def lora_args(data_dir, base, out_dir, *extra) -> list[str]:
 def tree_hashes(directory) -> dict:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def train_losses(out_dir):
-    return [r["loss"] for r in read_log(out_dir / "log.jsonl") if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +270,7 @@ def test_scratch_run_saves_its_base_and_names_it(scratch_run):
     fresh = GPT(GPTConfig(**SHAPE)).state_dict()
     saved = checkpoints.load_model(base).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in fresh.items())
-    val = [r["val_loss"] for r in read_log(scratch_run / "log.jsonl") if "val_loss" in r]
+    val = [r["val_loss"] for r in read_log(scratch_run) if "val_loss" in r]
     assert len(train_losses(scratch_run)) == 4 and val[-1] < val[0]  # the adapter alone lowers the loss
 
 

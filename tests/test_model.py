@@ -1,6 +1,6 @@
 """model.py: sizes, tying (in memory and through a saved directory), init, causality, attention impls,
 checkpointing, the loss head through the model and every config error (HF parity and the weight
-files are tested in test_hf_weights.py, decoding in test_engine.py). CPU, float32 unless a test says
+files are tested in test_hf_dir.py, decoding in test_engine.py). CPU, float32 unless a test says
 otherwise."""
 
 import math

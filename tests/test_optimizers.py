@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 import checkpoints
-import run_dir
 import train
 import train_config
-from conftest import ROOT, VOCAB, failure, tiny_args, torchrun
+from conftest import ROOT, VOCAB, failure, read_log, tiny_args, torchrun, train_losses, train_main as main
 from errors import ConfigError
 from model import GPT, GPTConfig
 from shards import ShardLoader, list_shards
@@ -25,20 +23,6 @@ from train import lr_at, make_optimizers, param_groups
 from train_config import TrainConfig, with_derived
 
 MUON = ["--optimizer=muon", "--muon_lr=0.02"]  # at tiny.py's width, a rate at which Muon visibly trains
-
-
-def main(*argv):
-    """train.main as a fresh `python train.py` would run it."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train.main([str(a) for a in argv])
-
-
-def read_log(out_dir) -> list[dict]:
-    return run_dir.read_log(out_dir / "log.jsonl")
-
-
-def train_losses(out_dir) -> list[float]:
-    return [r["loss"] for r in read_log(out_dir) if "loss" in r]
 
 
 def tiny_model(**overrides) -> GPT:

@@ -18,24 +18,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import atomic
 import checkpoints
 import conftest
 import run_dir
-import train
 import train_config
-from conftest import ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, tiny_args, wait_until
+from conftest import (ROOT, VOCAB, assert_one_line_error, env, failure, latest, run_command, snapshot, tiny_args,
+                      train_main as main, wait_until)
 from errors import ConfigError, DivergenceError, ShardError
 from shards import write_shard
-
-
-def main(*argv):
-    """train.main as a fresh `python train.py` would run it."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train.main([str(a) for a in argv])
 
 
 def losses(out_dir) -> dict[int, float]:
@@ -82,10 +75,6 @@ def test_non_finite_weights_are_never_saved(data_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ out_dir
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_a_new_run_never_deletes_or_overwrites_what_it_did_not_write(data_dir, tmp_path):

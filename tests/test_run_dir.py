@@ -2,17 +2,9 @@
 
 Real runs of configs/tiny.py on the Markov corpus, train.main in-process."""
 
-from accelerate.state import AcceleratorState
 
 import checkpoints
-import train
-from conftest import tiny_args
-
-
-def main(*argv):
-    """train.main as a fresh `python train.py` would run it."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train.main([str(a) for a in argv])
+from conftest import tiny_args, train_main as main
 
 
 COMMON = ["--lr_decay_steps=8", "--ckpt_interval=1", "--keep_last_ckpts=1", "--eval_interval=100"]

@@ -15,25 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 
 import atomic
 import checkpoints
+import locks
 import prepare_data
 import run_dir
-import train
-from conftest import ROOT, assert_one_line_error, env, run_command, tiny_args, wait_until
+from conftest import (ROOT, assert_one_line_error, env, run_command, snapshot, tiny_args, train_main as main,
+                      wait_until)
 from errors import ConfigError, DataError, DivergenceError
-
-
-def main(*argv):
-    """train.main as a fresh `python train.py` would run it."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train.main([str(a) for a in argv])
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 COMMON = ["--max_steps=4", "--lr_decay_steps=8", "--ckpt_interval=2", "--keep_last_ckpts=3", "--log_interval=1",
@@ -74,11 +64,11 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_di
             proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", *extra))
             assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started")
         # The lock is the directory's, not the .lock file's: deleting that file lets nobody in.
-        (out / atomic.LOCK_FILE).unlink()
+        (out / locks.LOCK_FILE).unlink()
         proc = run_command("train.py", *tiny_args(data_dir, out, "--max_steps=1", "--overwrite=true"))
         assert_one_line_error(proc, f"out_dir={out} is in use by another run (pid {holder.pid} ", "started",
-                              f"({atomic.LOCK_FILE} was deleted)")
-        assert not (out / atomic.LOCK_FILE).exists(), "a refused run writes no lock file"
+                              f"({locks.LOCK_FILE} was deleted)")
+        assert not (out / locks.LOCK_FILE).exists(), "a refused run writes no lock file"
         assert (out / "log.jsonl").is_file() and (out / "train_config.json").is_file()
         newest = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
         assert wait_until(lambda: checkpoints.step_of(checkpoints.list_checkpoints(out)[-1]) > newest, timeout=120)
@@ -89,12 +79,12 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(data_di
     step = checkpoints.step_of(checkpoints.list_checkpoints(out)[-1])
     _, state = main(*tiny_args(data_dir, out, f"--max_steps={step + 1}", "--init_from=resume"))
     assert state["step"] == step + 1
-    assert not (out / atomic.LOCK_FILE).exists(), "a finished run removes its lock file"
+    assert not (out / locks.LOCK_FILE).exists(), "a finished run removes its lock file"
 
 
 def test_the_lock_is_taken_before_out_dir_is_read(data_dir, run_copy):
     before = snapshot(run_copy)
-    with atomic.lock_dir(run_copy, ConfigError, "out_dir"):
+    with locks.lock_dir(run_copy, ConfigError, "out_dir"):
         with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} "):
             main(*tiny_args(data_dir, run_copy, "--max_steps=1", "--overwrite=true"))
         with pytest.raises(ConfigError, match="in use by another run"):
@@ -106,33 +96,12 @@ def test_prepare_data_locks_its_out_dir(tmp_path):
     out = tmp_path / "data"
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text to tokenize\n" * 50)
-    with atomic.lock_dir(out, DataError, "--out"):
+    with locks.lock_dir(out, DataError, "--out"):
         with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
             prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)
     assert not out.exists(), "the lock's holder made the directory and removed it again"
     prepare_data.prepare(out, inputs=[str(corpus)], num_workers=1, progress=False)  # released: it runs
     assert (out / "meta.json").is_file()
-
-
-def test_where_a_directory_cannot_be_flocked_the_lock_file_is_locked(tmp_path, monkeypatch):
-    """NFS emulates flock with byte-range locks, which a directory opened read-only cannot take
-    (EBADF): lock_dir then locks out_dir/.lock, and still refuses a second holder, naming the first."""
-    import errno
-    import fcntl
-    import stat
-
-    def flock(fd, operation, real=fcntl.flock):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(errno.EBADF, "Bad file descriptor")
-        return real(fd, operation)
-
-    monkeypatch.setattr(fcntl, "flock", flock)
-    out = tmp_path / "data"
-    with atomic.lock_dir(out, DataError, "--out"):
-        assert json.loads((out / atomic.LOCK_FILE).read_text())["pid"] == os.getpid()
-        with pytest.raises(DataError, match=rf"--out={out} is in use by another run \(pid {os.getpid()} "):
-            atomic.lock_dir(out, DataError, "--out")
-    assert not out.exists(), "the lock's holder made the directory and removed it again"
 
 
 def test_out_dir_under_a_file_is_one_line(data_dir, tmp_path):
@@ -433,7 +402,7 @@ def test_a_signal_during_setup_stops_before_anything_is_written(data_dir, run_co
             if not a.startswith("--vocab_size")]  # GPT-2's vocabulary, which HellaSwag's tokens need
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    lock = run_copy / atomic.LOCK_FILE
+    lock = run_copy / locks.LOCK_FILE
     assert wait_until(lambda: lock.is_file() and lock.read_text().strip(), timeout=120)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)

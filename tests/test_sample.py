@@ -12,7 +12,7 @@ import devices
 from conftest import save_weights
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream, main, parse_args
-from tokenizer import EOT_TOKEN, gpt2_tokenizer
+from tokenizer import EOT_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
@@ -22,11 +22,6 @@ EOT_TEXT = "<|endoftext|>"
 def tiny_model(seed: int, vocab_size: int = 50257) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(**TINY, vocab_size=vocab_size))
-
-
-@pytest.fixture(scope="module")
-def enc():
-    return gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")

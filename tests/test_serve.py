@@ -97,11 +97,6 @@ def http(method: str, url: str, body: dict | None = None, key: str | None = None
 
 
 @pytest.fixture(scope="module")
-def enc():
-    return gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def weights(server):
     return GPT.from_pretrained(server["ckpt"]).eval()
 
