@@ -167,11 +167,9 @@ class RunDir:
     def _write(self, state: TrainState, model, raw_model: GPT) -> Path:
         """Write ckpt/step_XXXXXXX of state.step (layout in checkpoints.py) and prune the old ones.
 
-        Weights go to model.safetensors in GPT-2's HF format, from the unwrapped model (full
-        weights gathered under FSDP); Accelerate writes state/. Everything is built in a temporary
-        directory that checkpoints.finish publishes once every process has written its part. A
-        failure on any process (a full disk, say) removes the temporary directory and raises on
-        every process; no older checkpoint is touched.
+        Weights as _save_weights writes them; Accelerate writes state/. All is built in a temporary
+        directory that checkpoints.finish publishes once every process has written its part. A failure
+        on any process (a full disk) removes it and raises on every process; no older one is touched.
         """
         cfg, accelerator = self.cfg, self.accelerator
         final, tmp = checkpoints.step_dir(self.path, state.step), checkpoints.tmp_dir(self.path, state.step)
@@ -180,11 +178,7 @@ class RunDir:
             accelerator.save_state(str(tmp / checkpoints.STATE_SUBDIR))
             full_weights = gathered_weights(accelerator, model)  # collective under FSDP: every process calls it
             if accelerator.is_main_process:
-                if lora.is_wrapped(raw_model):  # LoRA: the adapter alone, in PEFT's layout (lora.py)
-                    lora.save_adapter(raw_model, tmp)
-                else:
-                    raw_model.save_pretrained(tmp, state_dict=full_weights,
-                                              training={**state.state_dict(), "train_config": cfg.to_flat()})
+                _save_weights(raw_model, full_weights, tmp, {**state.state_dict(), "train_config": cfg.to_flat()})
                 atomic.write_json(tmp / checkpoints.TRAIN_CONFIG_FILE, cfg.to_flat())
 
         _on_every_process(accelerator, self.path, final, _make_tmp, self.path, tmp, main_only=True)
@@ -234,6 +228,15 @@ def _refuse_foreign(out_dir: Path) -> None:
                           f"checkpoints this project wrote (no manifest of sizes and SHA-256s that verifies: "
                           f"{names}{' ...' if len(strangers) > 6 else ''}), which a run would not touch: move "
                           f"them away or choose another out_dir (nothing was changed)")
+
+
+def _save_weights(raw_model: GPT, full_weights: dict | None, tmp: Path, training: dict) -> None:
+    """A checkpoint's weights, from the unwrapped model: model.safetensors in GPT-2's HF format (the
+    full weights gathered under FSDP), or for a LoRA run the adapter alone, in PEFT's layout (lora.py)."""
+    if lora.is_wrapped(raw_model):
+        lora.save_adapter(raw_model, tmp)
+    else:
+        raw_model.save_pretrained(tmp, state_dict=full_weights, training=training)
 
 
 def _make_tmp(out_dir: Path, tmp: Path) -> None:
