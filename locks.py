@@ -110,11 +110,7 @@ def lock_dir(directory: str | Path, error: type[Exception], what: str,
                     f"user can create and write)") from None
     path = directory / LOCK_FILE
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise error(f"{what}={directory} is in use by another run ({_holder(directory)}); wait for it to end or "
-                    f"choose another {what}") from None
+        _flock_or_refuse(fd, directory, error, what)
     except OSError:  # NFS emulates flock with byte-range locks, which a directory cannot take
         os.close(fd)
         return _lock_file(directory, error, what, warn, created)
@@ -127,6 +123,17 @@ def lock_dir(directory: str | Path, error: type[Exception], what: str,
         raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
                     f"user can create and write)") from None
     return lock
+
+
+def _flock_or_refuse(fd: int, directory: Path, error: type[Exception], what: str) -> None:
+    """Take an exclusive flock on fd without waiting. Raises `error` naming the holder (fd closed)
+    when another process holds it; OSError when the file system cannot flock (fd left open)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise error(f"{what}={directory} is in use by another run ({_holder(directory)}); wait for it to end or "
+                    f"choose another {what}") from None
 
 
 def _holder_info() -> str:
@@ -147,11 +154,7 @@ def _lock_file(directory: Path, error: type[Exception], what: str, warn: Callabl
             raise error(f"{what}={directory} cannot be used: {err.strerror or err} (it must be a directory this "
                         f"user can create and write)") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise error(f"{what}={directory} is in use by another run ({_holder(directory)}); wait for it to end "
-                        f"or choose another {what}") from None
+            _flock_or_refuse(fd, directory, error, what)
         except OSError as err:
             warn(f"warning: cannot lock {what}={directory} ({err.strerror}): this file system does not support "
                  f"flock, so nothing stops a second run from writing there at the same time")
