@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro_batch_size", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--block_size", type=int, default=512, help="training window in tokens (default: 512)")
     parser.add_argument("--data_dir", default=str(ROOT / "data" / "shakespeare"), help="the corpus' shards")
+    parser.add_argument("--shapes", default="124m,medium", help="which of 124m and medium (default: both)")
     parser.add_argument("--quick", action="store_true", help="a tiny shape, 3 steps: a smoke run")
 
 
@@ -70,7 +71,8 @@ def _train(base: str, out: str, data_dir: str, rank: int, steps: int, batch: int
             "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1], "device": device}
 
 
-def run(steps: int = 50, micro_batch_size: int = 4, block_size: int = 512, data_dir: str = "", quick: bool = False) -> None:
+def run(steps: int = 50, micro_batch_size: int = 4, block_size: int = 512, data_dir: str = "", quick: bool = False,
+        shapes: str = "124m,medium") -> None:
     """Both runs at each shape, each in its own process (a clean peak), printed as a table."""
     import multiprocessing
 
@@ -81,7 +83,10 @@ def run(steps: int = 50, micro_batch_size: int = 4, block_size: int = 512, data_
     if not (Path(data_dir) / "meta.json").is_file():
         raise ConfigError(f"{data_dir} holds no prepared corpus: python prepare_data.py --dataset shakespeare "
                           f"--out {data_dir}")
-    shapes = [("quick", QUICK)] if quick else [("GPT-2 124M", GPT2_124M), ("gpt2-medium", GPT2_MEDIUM)]
+    known = {"124m": ("GPT-2 124M", GPT2_124M), "medium": ("gpt2-medium", GPT2_MEDIUM)}
+    if not quick and not set(shapes.split(",")) <= set(known):
+        raise ConfigError(f"--shapes={shapes!r}: a comma-separated list of {', '.join(known)}")
+    shapes = [("quick", QUICK)] if quick else [known[name] for name in shapes.split(",")]
     steps, block_size = (3, 64) if quick else (steps, block_size)
     print(f"LoRA benchmark: full fine-tune vs LoRA rank {RANK} on c_attn,c_proj,c_fc, {steps} steps of "
           f"{micro_batch_size} x {block_size} tokens from random weights on {data_dir}; "

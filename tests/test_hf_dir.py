@@ -364,3 +364,27 @@ def test_training_without_the_tokenizer_file_stops_before_it_starts(run, tmp_pat
                                                      "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     assert_one_line_error(proc, "could not load the GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
     assert not checkpoints.list_checkpoints(tmp_path / "out") and "loss" not in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_loading_reads_each_weight_from_the_file_once_when_it_is_copied(tmp_path):
+    """read_weights hands load_hf_state_dict a lazy view of model.safetensors: each tensor is read
+    when it is copied, once, so loading never holds a second whole copy of the model."""
+    model = tiny()
+    perturb_(model, seed=1)
+    model.save_pretrained(tmp_path)
+    weights = hf_dir.read_weights(tmp_path)
+    assert isinstance(weights, hf_dir.SafetensorsWeights)
+    assert sorted(weights) == sorted(load_file(str(tmp_path / "model.safetensors")))
+    reads = []
+
+    class Counted(hf_dir.SafetensorsWeights):
+        def __getitem__(self, name):
+            reads.append(name)
+            return super().__getitem__(name)
+
+    fresh = tiny(seed=2)
+    hf_dir.load_hf_state_dict(fresh, Counted(tmp_path / "model.safetensors"))
+    assert reads and len(reads) == len(set(reads))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(KeyError):
+        weights["not.a.weight"]
