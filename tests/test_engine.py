@@ -156,13 +156,20 @@ def test_top_k_one_is_greedy_and_stop_tokens_end_a_sequence():
         == FINISH_LENGTH
 
 
-def test_cancel_frees_the_slot_for_the_next_request():
+def one_slot_running_and_waiting(running_tokens: int):
+    """A one-slot engine given two greedy requests: [1, 2, 3] for running_tokens tokens (it takes the
+    slot) and [4, 5] for 3 (it waits). Returns the model, engine, both sequences and the sink's events."""
     model = tiny(dtype=torch.float32)
     engine = Engine(model, max_batch=1)
     events = []
     sink = lambda seq, out: events.append((seq, out))  # noqa: E731
-    first = engine.add([1, 2, 3], SamplingParams(max_tokens=20, temperature=0), sink)
-    second = engine.add([4, 5], SamplingParams(max_tokens=3, temperature=0), sink)
+    running = engine.add([1, 2, 3], SamplingParams(max_tokens=running_tokens, temperature=0), sink)
+    waiting = engine.add([4, 5], SamplingParams(max_tokens=3, temperature=0), sink)
+    return model, engine, running, waiting, events
+
+
+def test_cancel_frees_the_slot_for_the_next_request():
+    model, engine, first, second, events = one_slot_running_and_waiting(20)
     for _ in range(3):
         engine.step()
     assert engine.num_running == 1 and engine.num_waiting == 1
@@ -179,12 +186,7 @@ def test_cancel_frees_the_slot_for_the_next_request():
 def test_a_step_that_raises_fails_its_sequences_and_the_next_step_goes_on():
     """An internal bug in one decode step (injected): the step's sequences end with FINISH_ERROR and
     free their slots, a waiting request is untouched, and the engine serves on."""
-    model = tiny(dtype=torch.float32)
-    engine = Engine(model, max_batch=1)
-    events = []
-    sink = lambda seq, out: events.append((seq, out))  # noqa: E731
-    running = engine.add([1, 2, 3], SamplingParams(max_tokens=5, temperature=0), sink)
-    waiting = engine.add([4, 5], SamplingParams(max_tokens=3, temperature=0), sink)
+    model, engine, running, waiting, _ = one_slot_running_and_waiting(5)
     engine.step()  # prefill: running holds the one slot
     real = engine._decode
 
