@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 
 import checkpoints
-import decode_weights
 from completions import (DONE, FINISH_SHUTDOWN, APIError, Choice, Completion, CompletionRequest, check_model, error_event,
                          parse_completion, read_json)
 from engine import FINISH_CANCELLED, FINISH_ERROR, Engine, Output
@@ -85,7 +84,8 @@ PLAYGROUND = Path(__file__).resolve().with_name("playground.html")  # GET /
 
 class Server:
     """The model, its engine (stepped by a background thread), the tokenizer and the queue bound.
-    weights: None (decode with `model` as it is) or a layout for decode_weights.prepare, laid out here.
+    `model` comes laid out for decoding (checkpoints.LoadedModel.for_decoding); `weights` says how,
+    for the start line (None: as the model holds them).
 
     A step that raises fails only its own requests (a 500) and the engine goes on. If the engine
     thread ends anyway, every open request fails, new ones and /health get 503, and
@@ -96,9 +96,7 @@ class Server:
                  api_key: str | None, log=None, on_engine_death=None):
         self.model_name, self.enc, self.api_key = model_name, enc, api_key
         self.config = model.config
-        self.weights = f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
-        if weights is not None:  # laid out for decoding here, before the engine is built
-            model, self.weights = decode_weights.prepare(model, weights, batch=max_batch)
+        self.weights = weights or f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} (the model's)"
         self.engine = Engine(model, max_batch=max_batch,
                              vocab_limit=enc.n_vocab if model.config.vocab_size > enc.n_vocab else None)
         self.capacity = max_batch + max_queue  # sequences running or waiting
@@ -657,7 +655,8 @@ def run(args: argparse.Namespace) -> None:
     model, device = loaded.model, loaded.device
     name = args.model_name or Path(args.checkpoint).resolve().name
     # An engine thread that ends stops the server like a SIGTERM, and the exit status says it failed.
-    server = Server(model, name, enc, args.max_batch, args.max_queue, loaded.weights, args.api_key,
+    decoding, layout = loaded.for_decoding(args.max_batch)  # the weights laid out before the engine is built
+    server = Server(decoding, name, enc, args.max_batch, args.max_queue, layout, args.api_key,
                     on_engine_death=lambda: signal.raise_signal(signal.SIGTERM))
     cfg = model.config
     print(f"serving {loaded.directory} as '{name}' ({model.num_params() / 1e6:.2f}M parameters, block_size={cfg.block_size}; "

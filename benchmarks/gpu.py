@@ -155,14 +155,16 @@ def _median_seconds(run: Callable[[], list], device: torch.device, reps: int) ->
 
 def decode_row(device: torch.device, batch: int, new_tokens: int = DECODE_NEW_TOKENS, reps: int = 3) -> dict:
     """Greedy decoding of `batch` random 16-token prompts, `new_tokens` each, at GPT-2 124M in bf16:
-    engine.Engine (weights="bfloat16", as serve.py --dtype bfloat16 lays them out) against
+    engine.Engine (bf16 weights laid out by decode_weights.prepare, as serve.py --dtype bfloat16 does) against
     transformers' generate on its bf16 twin (bench.py's models: spread-out random weights, so
     greedy has few near-ties). Tokens/s counts every sequence's new tokens."""
+    import decode_weights
     from benchmarks.common import GPT2_124M, decode_models
     from engine import Engine, SamplingParams
 
     ours, hf = decode_models(GPT2_124M)
-    engine = Engine(ours.to(device), max_batch=batch, weights="bfloat16")
+    laid_out, layout = decode_weights.prepare(ours.to(device), "bfloat16", batch=batch)
+    engine = Engine(laid_out, max_batch=batch)
     hf = hf.to(device=device, dtype=torch.bfloat16)
     prompts = torch.randint(0, 50257, (batch, DECODE_PROMPT), generator=torch.Generator().manual_seed(1))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
@@ -183,7 +185,7 @@ def decode_row(device: torch.device, batch: int, new_tokens: int = DECODE_NEW_TO
         "transformers_tokens_per_s": hf_rate,
         "vs_transformers": rate / hf_rate,
         "note": f"{same} of {batch} sequences token for token equal to transformers' (bf16 kernels may "
-                f"break near-ties differently); median of {reps} after a warm-up; {engine.weights_description}",
+                f"break near-ties differently); median of {reps} after a warm-up; {layout}",
     }
 
 
