@@ -104,15 +104,15 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
     return found
 
 
-def is_own(ckpt: Path) -> bool:
+def is_own(ckpt: Path, check_hashes: bool = True) -> bool:
     """Whether `ckpt` is a checkpoint this project wrote, whole: its meta.json records a size and a
-    SHA-256 for every file (as `finish` writes it), each file matches, and nothing else is there
-    (no other file, no symlink, no empty directory). Only such a directory may be deleted as a
-    run's output."""
+    SHA-256 for every file (as `finish` writes it), each file matches (its size, and with
+    check_hashes its SHA-256 too), and nothing else is there (no other file, no symlink, no empty
+    directory). Only such a directory may be deleted as a run's output."""
     if ckpt.is_symlink() or not ckpt.is_dir():
         return False
     try:
-        meta = verify(ckpt, need_state=False)
+        meta = verify(ckpt, need_state=False, check_hashes=check_hashes)
     except (CheckpointError, OSError):
         return False
     listed = set(meta.get("files", {}))
@@ -183,11 +183,12 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def verify(ckpt: Path, need_state: bool) -> dict:
+def verify(ckpt: Path, need_state: bool, check_hashes: bool = True) -> dict:
     """Check a checkpoint without unpickling anything; returns its meta.json.
 
     Every file listed in meta.json's `files` must exist with its recorded size, and every
-    torch.save file (a zip archive) must pass its CRC check. With need_state (a resume) the
+    torch.save file (a zip archive) must pass its CRC check; with check_hashes, its recorded
+    SHA-256 must match too (reading every byte). With need_state (a resume) the
     state/ directory must exist. Raises CheckpointError saying what is wrong.
     """
     meta = read_meta(ckpt)
@@ -203,7 +204,7 @@ def verify(ckpt: Path, need_state: bool) -> dict:
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or changed)")
-        if hashes is not None and file_sha256(path) != hashes[name]:
+        if check_hashes and hashes is not None and file_sha256(path) != hashes[name]:
             raise CheckpointError(f"{path} does not match the SHA-256 recorded when it was written (changed or damaged)")
     if need_state:
         state = ckpt / STATE_SUBDIR
@@ -265,7 +266,9 @@ def prune(out_dir: str | Path, newest: Path, keep: int, warn: Callable[[list[Pat
     warn(paths) and left alone. Returns what was removed."""
     older = [p for p in list_checkpoints(out_dir) if step_of(p) < step_of(newest)]
     beyond = older[: max(len(older) - (keep - 1), 0)]
-    doomed = [p for p in beyond if is_own(p)]
+    # The manifest (sizes, nothing else there) tells ours from a user's folder; re-hashing a whole
+    # checkpoint at every save only to delete it would read gigabytes for nothing.
+    doomed = [p for p in beyond if is_own(p, check_hashes=False)]
     if len(doomed) < len(beyond):
         warn([p for p in beyond if p not in doomed])
     for path in doomed:
