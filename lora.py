@@ -213,12 +213,13 @@ def load(directory: Path, load_base: Callable[[Path], "GPT"], trainable: bool, l
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(directory / ADAPTER_WEIGHTS_FILE).items()}
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot load {directory / ADAPTER_WEIGHTS_FILE} ({err})") from None
-    expected = set(peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
+    reference = peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)  # names and shapes it needs
+    expected = set(reference)
     if set(weights) != expected:
         odd = sorted(set(weights) ^ expected)[:3]
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_FILE} does not match its adapter_config.json over "
                               f"{base} (missing or unexpected: {odd})")
-    shapes = {k: v.shape for k, v in peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    shapes = {k: v.shape for k, v in reference.items()}
     wrong = [k for k, v in weights.items() if v.shape != shapes[k]]
     if wrong:
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS_FILE}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, "

@@ -201,8 +201,8 @@ class RunDir:
     def divergence_error(self, step: int, what: str) -> DivergenceError:
         """The error (returned, for the caller to raise) for a non-finite step: names it and the newest
         checkpoint that verifies, whose weights were checked finite when it was saved (or says there is none)."""
-        good = [ckpt for ckpt in checkpoints.list_checkpoints(self.path) if _verifies(ckpt)]
-        where = (f"The last good checkpoint is {good[-1]} (its weights are all finite): lower learning_rate and "
+        good = next((c for c in reversed(checkpoints.list_checkpoints(self.path)) if _verifies(c)), None)
+        where = (f"The last good checkpoint is {good} (its weights are all finite): lower learning_rate and "
                  f"continue with --init_from=resume" if good else "No checkpoint that verifies was saved yet.")
         return DivergenceError(f"{what} at step {step}; stopping without saving. {where}")
 

@@ -437,7 +437,7 @@ def check_vocab(data_dir: str, paths: list[Path], vocab_size: int) -> None:
     """Every token id in the data must be below the model's vocab_size. meta.json (prepare_data.py)
     says which vocabulary the shards use; foreign shards (llm.c, modded-nanogpt) have none, so
     their largest id is read (a vectorised pass over the memmaps)."""
-    meta = Path(data_dir) / "meta.json"
+    meta = Path(data_dir) / META_FILE
     if meta.is_file():
         try:
             data_vocab = json.loads(meta.read_text()).get("vocab_size")
