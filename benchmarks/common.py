@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -106,15 +107,18 @@ def decode_models(shape: dict):
     return ours, hf
 
 
-def timed(runs: dict, reps: int = 3) -> tuple[dict, dict]:
-    """Median seconds of each callable (after one warm-up), taken in turn; and each one's last output."""
+def timed(runs: dict, reps: int = 3, sync: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
+    """Median seconds of each callable (after one warm-up), taken in turn; and each one's last output.
+    `sync` is called before each clock read (devices.synchronize on a GPU, whose work is queued)."""
     outputs, times = {}, {k: [] for k in runs}
     for run in runs.values():
         run()
     for _ in range(reps):
         for key, run in runs.items():
+            sync()
             start = time.perf_counter()
             outputs[key] = run()
+            sync()
             times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}, outputs
 

@@ -14,7 +14,6 @@ queueing, not the work.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
@@ -140,26 +139,13 @@ def train_row(device: torch.device, compile: bool, batch: int = TRAIN_BATCH, T: 
     }
 
 
-def _median_seconds(run: Callable[[], list], device: torch.device, reps: int) -> tuple[float, list]:
-    """Median seconds of `run` over reps calls after one warm-up, synchronised; its last output."""
-    run()
-    times = []
-    for _ in range(reps):
-        devices.synchronize(device)
-        start = time.perf_counter()
-        out = run()
-        devices.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 def decode_row(device: torch.device, batch: int, new_tokens: int = DECODE_NEW_TOKENS, reps: int = 3) -> dict:
     """Greedy decoding of `batch` random 16-token prompts, `new_tokens` each, at GPT-2 124M in bf16:
     engine.Engine (bf16 weights laid out by decode_weights.prepare, as serve.py --dtype bfloat16 does) against
     transformers' generate on its bf16 twin (bench.py's models: spread-out random weights, so
     greedy has few near-ties). Tokens/s counts every sequence's new tokens."""
     import decode_weights
-    from benchmarks.common import GPT2_124M, decode_models
+    from benchmarks.common import GPT2_124M, decode_models, timed
     from engine import Engine, SamplingParams
 
     ours, hf = decode_models(GPT2_124M)
@@ -175,8 +161,9 @@ def decode_row(device: torch.device, batch: int, new_tokens: int = DECODE_NEW_TO
                           min_new_tokens=new_tokens, do_sample=False)
         return out[:, DECODE_PROMPT:].tolist()
 
-    ours_s, ours_out = _median_seconds(lambda: engine.generate(prompts.tolist(), params), device, reps)
-    hf_s, hf_out = _median_seconds(transformers_run, device, reps)
+    seconds, outputs = timed({"ours": lambda: engine.generate(prompts.tolist(), params), "hf": transformers_run},
+                             reps, sync=lambda: devices.synchronize(device))  # taken in turn
+    (ours_s, hf_s), (ours_out, hf_out) = (seconds["ours"], seconds["hf"]), (outputs["ours"], outputs["hf"])
     rate, hf_rate = batch * new_tokens / ours_s, batch * new_tokens / hf_s
     same = sum(a == b for a, b in zip(ours_out, hf_out))
     return {
@@ -209,11 +196,11 @@ def run() -> None:
 def rows(device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
     """Every row in turn, each printed through `log` as it finishes. A row that raises is kept as
     status "failed" with the error in its note, and the rest still run."""
-    jobs = [(lambda: train_row(device, compile=False)), (lambda: train_row(device, compile=True)),
-            (lambda: decode_row(device, 1)), (lambda: decode_row(device, 16))]
-    names = ["train eager", "train compiled", "decode batch 1", "decode batch 16"]
+    jobs = {"train eager": lambda: train_row(device, compile=False),
+            "train compiled": lambda: train_row(device, compile=True),
+            "decode batch 1": lambda: decode_row(device, 1), "decode batch 16": lambda: decode_row(device, 16)}
     rows = []
-    for name, job in zip(names, jobs):
+    for name, job in jobs.items():
         try:
             row = {**job(), "status": "ok"}
         except Exception as err:  # recorded as a failed row: gpu_check.py exits non-zero for it

@@ -139,12 +139,10 @@ def failure(proc: subprocess.CompletedProcess) -> str:
 def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
     """Exit status 2, stderr ending in exactly one `error: ...` line naming `expected`, no traceback."""
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
     for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
+        assert text in line, line
+    return line
 
 
 def run_prepare_data(capsys, *argv) -> tuple[int, str, str]:
@@ -159,8 +157,8 @@ def run_prepare_data(capsys, *argv) -> tuple[int, str, str]:
 def error_line(err: str) -> str:
     """The one `error: ...` line of stderr text `err` (asserted: exactly one, no traceback)."""
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     return lines[0]
 
 
