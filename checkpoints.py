@@ -276,14 +276,16 @@ def prune(out_dir: str | Path, newest: Path, keep: int, warn: Callable[[list[Pat
     return doomed
 
 
-def load_model(directory: Path, **overrides):
+def load_model(directory: Path, lora_trainable: bool = False, lora_dropout: float = 0.0, **overrides):
     """GPT.from_pretrained(directory), with every problem in the files as a CheckpointError; for a LoRA
-    checkpoint, its base with the adapter merged in (lora.load: the base is checked, then built so)."""
+    checkpoint, its base with the adapter (lora.load: the base is checked, then built so), merged in,
+    or with lora_trainable (a resume) kept apart and trainable, with lora_dropout."""
     import lora
     from model import GPT
 
     if lora.is_adapter_dir(Path(directory)):
-        return lora.load(Path(directory), lambda base: load_model(base, **overrides), trainable=False)
+        return lora.load(Path(directory), lambda base: load_model(base, **overrides), trainable=lora_trainable,
+                         lora_dropout=lora_dropout)
     check_config(Path(directory))
     try:
         return GPT.from_pretrained(directory, **overrides)

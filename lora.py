@@ -97,10 +97,10 @@ def base_identity(base_dir: Path) -> dict:
     return {"path": str(base_dir), "weights": weights, "sha256": atomic.file_sha256(base_dir / weights)}
 
 
-def checked_base(adapter_dir: Path) -> Path:
-    """The base directory that adapter_dir's lora_base.json names, after checking it is there and
-    that its weights file has the recorded SHA-256. Raises CheckpointError (one line) naming the
-    base when it moved, was removed or changed."""
+def checked_base(adapter_dir: Path) -> dict:
+    """adapter_dir's lora_base.json (base_identity's record), after checking that the base it names
+    is there and that its weights file has the recorded SHA-256. Raises CheckpointError (one line)
+    naming the base when it moved, was removed or changed."""
     record_path = Path(adapter_dir) / BASE_FILE
     try:
         record = json.loads(record_path.read_text())
@@ -115,20 +115,21 @@ def checked_base(adapter_dir: Path) -> Path:
     if atomic.file_sha256(base / weights) != digest:
         raise CheckpointError(f"the base model of the LoRA adapter in {adapter_dir} changed: {base / weights} no "
                               f"longer has the SHA-256 recorded when the adapter was trained ({digest[:16]}...)")
-    return base
+    return record
 
 
 # ------------------------------------------------------------------ wrapping
 
 
-def _wrap(model: "GPT", rank: int, alpha: float, dropout: float, targets: list[str], base: Path | None):
+def _wrap(model: "GPT", rank: int, alpha: float, dropout: float, targets: list[str], identity: dict | None):
     """get_peft_model over `model` (the PeftModel); `model` itself now holds the LoRA layers, its
-    own weights frozen. Records the base's identity on it (lora_base) for save_adapter, which names
-    the base in adapter_config.json (get_peft_model would replace a name given here)."""
+    own weights frozen. Records the base's identity (base_identity's record) on it as lora_base for
+    save_adapter, which names the base in adapter_config.json (get_peft_model would replace a name
+    given here)."""
     config = _peft().LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                                 fan_in_fan_out=False)  # GPT's layers are nn.Linear (see the module docstring)
     peft_model = _peft().get_peft_model(model, config)
-    model.lora_base = base_identity(base) if base is not None else None  # None: write_run_base sets it
+    model.lora_base = identity  # None: write_run_base sets it
     return peft_model
 
 
@@ -138,7 +139,8 @@ def wrap(model: "GPT", rank: int, alpha: float, dropout: float, targets: list[st
     their input; every other weight frozen. base: the GPT-2 directory the weights came from (its
     identity goes into every checkpoint; None: write_run_base writes the base and sets it). Returns
     the same module, for the trainer to use as before. Raises ConfigError when peft is missing."""
-    return _wrap(model, rank, alpha, dropout, targets, base).get_base_model()
+    identity = base_identity(base) if base is not None else None
+    return _wrap(model, rank, alpha, dropout, targets, identity).get_base_model()
 
 
 def describe(model: "GPT") -> str:
@@ -200,7 +202,8 @@ def load(directory: Path, load_base: Callable[[Path], "GPT"], trainable: bool, l
 
     peft = _peft()
     directory = Path(directory)
-    base = checked_base(directory)
+    record = checked_base(directory)  # hashes the base's weights once
+    base = Path(record["path"])
     try:
         saved = json.loads((directory / ADAPTER_CONFIG_FILE).read_text())
         rank, alpha, targets = int(saved["r"]), float(saved["lora_alpha"]), list(saved["target_modules"])
@@ -208,7 +211,7 @@ def load(directory: Path, load_base: Callable[[Path], "GPT"], trainable: bool, l
         raise CheckpointError(f"{directory / ADAPTER_CONFIG_FILE} is not a LoRA adapter config "
                               f"({type(err).__name__}: {err})") from None
     model = load_base(base)
-    peft_model = _wrap(model, rank, alpha, lora_dropout, targets, base)
+    peft_model = _wrap(model, rank, alpha, lora_dropout, targets, record)
     try:
         weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(directory / ADAPTER_WEIGHTS_FILE).items()}
     except (OSError, SafetensorError) as err:

@@ -333,11 +333,8 @@ def _load_resume(ckpt: Path, cfg: TrainConfig, make_optimizers: OptimizerFactory
         raise CheckpointError(f"{ckpt / checkpoints.TRAIN_CONFIG_FILE} is not a training config")
     state = TrainState()
     state.load_state_dict(checkpoints.read_meta(ckpt))
-    if lora.is_adapter_dir(ckpt):  # LoRA: base + adapter, the adapter trainable (lora.py)
-        model = lora.load(ckpt, lambda base: checkpoints.load_model(base, **runtime_overrides(cfg)), trainable=True,
-                          lora_dropout=cfg.lora_dropout)
-    else:
-        model = checkpoints.load_model(ckpt, **runtime_overrides(cfg))
+    # a LoRA checkpoint: its base with the adapter kept trainable
+    model = checkpoints.load_model(ckpt, lora_trainable=True, lora_dropout=cfg.lora_dropout, **runtime_overrides(cfg))
     try_load_training_state(ckpt / checkpoints.STATE_SUBDIR, model, train_config.get("optimizer", "adamw"),
                             make_optimizers)
     return Resume(ckpt, state, train_config, model)
